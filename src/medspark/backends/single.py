@@ -1,0 +1,54 @@
+"""`single`: one process trains in the driver. The baseline every other strategy is measured against."""
+from __future__ import annotations
+
+import logging
+import math
+import time
+
+from ..data import loader
+from .base import EpochTimer, TrainJob, TrainResult, callbacks, compile_model, history_dict
+
+log = logging.getLogger(__name__)
+
+
+class Single:
+    name = "single"
+
+    def __init__(self, intra_op_threads: int | None = None, inter_op_threads: int | None = None,
+                 reader_workers: int = 4):
+        self.intra, self.inter, self.reader_workers = intra_op_threads, inter_op_threads, reader_workers
+
+    def _threads(self):
+        import tensorflow as tf
+
+        try:  # only possible before TensorFlow's runtime starts; later calls keep what is set
+            if self.intra:
+                tf.config.threading.set_intra_op_parallelism_threads(int(self.intra))
+            if self.inter:
+                tf.config.threading.set_inter_op_parallelism_threads(int(self.inter))
+        except RuntimeError:
+            log.info("TensorFlow already initialized: thread pools left as they are")
+
+    def fit(self, job: TrainJob) -> TrainResult:
+        import keras
+
+        self._threads()
+        keras.utils.set_random_seed(job.seed)
+        t, d = job.train, job.data
+        bs = int(t.batch_size)
+        ds = lambda split, training: loader.dataset(  # noqa: E731
+            d.split_url(split), d.shape, bs, training=training, seed=job.seed, augment=job.augment,
+            shuffle_buffer=int(t.get("shuffle_buffer", 1024)), workers=self.reader_workers, rows=d.sizes[split])
+        model = job.build_model()
+        compile_model(model, t)
+        timer = EpochTimer()
+        steps = math.ceil(d.sizes["train"] / bs)
+        start = time.perf_counter()
+        hist = model.fit(ds("train", True), validation_data=ds("val", False) if d.sizes["val"] else None,
+                         epochs=int(t.epochs), callbacks=[timer, *callbacks(t, steps)],
+                         class_weight=job.class_weight(), shuffle=False,  # the loader shuffles
+                         verbose=t.get("verbose", 2))
+        seconds = time.perf_counter() - start
+        epochs_run = len(timer.seconds)
+        return TrainResult(model, history_dict(hist), timer.seconds, seconds, d.sizes["train"] * epochs_run,
+                           workers=1, global_batch_size=bs)

@@ -1,0 +1,83 @@
+"""Stratified, seeded train/val/test assignment that never lets equal contents straddle splits."""
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+
+import numpy as np
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class SplitReport:
+    assignment: dict[str, str]  # path -> split
+    sizes: dict[str, int]
+    per_class: dict[str, dict[str, int]]  # split -> class -> count
+    duplicate_groups: int  # contents that occur more than once
+    duplicate_files: int  # files beyond the first copy of each content
+    label_conflicts: int  # contents filed under more than one class
+    moved_to_test: int = 0  # training files whose content is also in the predefined test split
+    notes: list[str] = field(default_factory=list)
+
+
+def check_fractions(val: float, test: float, has_test_split: bool) -> None:
+    """Fractions fail early, before any Spark job, with the key to fix."""
+    if not 0 < val < 1:
+        raise ValueError(f"split.val={val} must be strictly between 0 and 1 (a validation split drives early stopping)")
+    if not has_test_split and not 0 < test < 1:
+        raise ValueError(f"split.test={test} must be strictly between 0 and 1 when the dataset has no test folder")
+    if not has_test_split and val + test >= 1:
+        raise ValueError(f"split.val + split.test = {val + test} leaves nothing to train on; keep the sum below 1")
+
+
+def assign(items, classes: list[str], val: float, test: float, seed: int, has_test_split: bool = False) -> SplitReport:
+    """items: (path, label, sha1, predefined_split or None). Groups by content hash, then splits the
+    groups of each class with a seeded shuffle so that each split gets its share of every class."""
+    check_fractions(val, test, has_test_split)
+    groups: dict[str, list] = defaultdict(list)
+    for it in items:
+        groups[it[2]].append(it)
+    assignment: dict[str, str] = {}
+    by_class: dict[int, list[tuple[str, int]]] = defaultdict(list)  # label -> [(sha1, n_files)]
+    conflicts = moved = 0
+    for sha, members in groups.items():
+        labels = Counter(m[1] for m in members)
+        conflicts += len(labels) > 1
+        if any(m[3] == "test" for m in members):  # the dataset's own test split wins for the whole group
+            moved += sum(m[3] != "test" for m in members)
+            for m in members:
+                assignment[m[0]] = "test"
+        else:
+            by_class[labels.most_common(1)[0][0]].append((sha, len(members)))
+    carve_test = 0.0 if has_test_split else test
+    rng = np.random.default_rng(seed)
+    for label in sorted(by_class):
+        grp = sorted(by_class[label])  # order independent of listing order
+        order = rng.permutation(len(grp))
+        total = sum(n for _, n in grp)
+        targets = [s for s, frac in (("test", carve_test), ("val", val)) if frac > 0]
+        quotas = {s: max(1, round((carve_test if s == "test" else val) * total)) for s in targets}
+        if len(grp) < 1 + len(targets):
+            raise ValueError(f"class {classes[label]!r} has {len(grp)} distinct image(s); at least {1 + len(targets)} "
+                             f"are needed to stratify into train/{'/'.join(reversed(targets))}: add images or drop "
+                             f"the class from dataset.classes")
+        filled = dict.fromkeys(targets, 0)
+        for idx in order:
+            sha, n = grp[idx]
+            split = next((s for s in targets if filled[s] < quotas[s]), "train")
+            if split != "train":
+                filled[split] += n
+            for m in groups[sha]:
+                assignment[m[0]] = split
+        if not any(assignment[m[0]] == "train" for sha, _ in grp for m in groups[sha]):
+            raise ValueError(f"class {classes[label]!r} has no training image left after the val/test split; "
+                             f"lower split.val/split.test or add images")
+    sizes = Counter(assignment.values())
+    per_class: dict[str, dict[str, int]] = {s: {c: 0 for c in classes} for s in SPLITS}
+    label_of = {it[0]: it[1] for it in items}
+    for path, s in assignment.items():
+        per_class[s][classes[label_of[path]]] += 1
+    dups = [len(m) for m in groups.values() if len(m) > 1]
+    return SplitReport(assignment, {s: sizes.get(s, 0) for s in SPLITS}, per_class, len(dups),
+                       sum(dups) - len(dups), conflicts, moved)

@@ -1,0 +1,383 @@
+"""Post-training evaluation: MLflow-safe metrics and the figures/reports logged as artifacts.
+
+sklearn and matplotlib are imported inside the functions so that importing this module stays cheap
+(numpy only; never TensorFlow). Figures are built on `matplotlib.figure.Figure`, never pyplot, so no
+global figure registry grows across many runs and no display backend is needed.
+"""
+from __future__ import annotations
+
+import json
+import math
+import posixpath
+import re
+import unicodedata
+import warnings
+from collections.abc import Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+
+DPI = 120
+_MLFLOW_KEY = re.compile(r"^[A-Za-z0-9_\-. /]+$")  # MLflow's rule, ASCII-only to be safe on every backend
+_ROW_SUM_TOL = 1e-2  # float16/float32 softmax drifts ~1e-3 at most; more than this is not a probability row
+_LR_KEYS = {"lr", "learning_rate"}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# validation and key names
+
+def _check_labels(y: np.ndarray | Sequence[int], k: int, what: str) -> np.ndarray:
+    """Integer labels in [0, k); (n, 1) columns are accepted because Keras label arrays often look like that."""
+    y = np.asarray(y)
+    if y.ndim == 2 and y.shape[1] == 1:
+        y = y[:, 0]
+    if y.ndim != 1:
+        hint = " (one-hot? pass labels.argmax(1))" if y.ndim == 2 and y.shape[1] == k else ""
+        raise ValueError(f"{what} must be integer class labels of shape (n,), got shape {y.shape}{hint}")
+    if y.size == 0:
+        raise ValueError(f"{what} is empty: nothing to evaluate")
+    if not np.issubdtype(y.dtype, np.integer):
+        if not np.issubdtype(y.dtype, np.floating) or not np.all(np.isfinite(y)) or np.any(y != np.round(y)):
+            raise ValueError(f"{what} must hold integer class labels, got dtype {y.dtype} with non-integer values")
+    y = y.astype(np.int64)
+    bad = (y < 0) | (y >= k)
+    if bad.any():
+        raise ValueError(f"{what} has labels outside [0, {k - 1}] for {k} classes: "
+                         f"{sorted(set(y[bad].tolist()))[:10]} ({int(bad.sum())} rows)")
+    return y
+
+
+def _check_names(class_names: Sequence[str]) -> list[str]:
+    names = [str(c) for c in class_names]
+    if len(names) < 2:
+        raise ValueError(f"need at least 2 class names, got {names}")
+    dup = sorted({c for c in names if names.count(c) > 1})
+    if dup:
+        raise ValueError(f"class_names must be unique, duplicated: {dup}")
+    return names
+
+
+def _check_probs(probs: np.ndarray, n: int, k: int) -> np.ndarray:
+    """Float64 rows renormalized to sum to 1; anything that is clearly not softmax output is refused."""
+    p = np.asarray(probs, dtype=np.float64)
+    if p.ndim != 2:
+        raise ValueError(f"probs must have shape (n, k) = ({n}, {k}), got shape {p.shape}")
+    if p.shape[0] != n:
+        raise ValueError(f"y_true has {n} rows but probs has {p.shape[0]}")
+    if p.shape[1] != k:
+        raise ValueError(f"probs has {p.shape[1]} columns but there are {k} class_names; they must match "
+                         "(a binary sigmoid output of shape (n, 1) must be stacked to [1 - p, p])")
+    if not np.all(np.isfinite(p)):
+        raise ValueError(f"probs contains NaN or inf in {int((~np.isfinite(p)).any(1).sum())} rows")
+    if (p < 0).any():
+        raise ValueError("probs contains negative values: pass softmax probabilities, not logits")
+    s = p.sum(axis=1)
+    off = np.abs(s - 1) > _ROW_SUM_TOL
+    if off.any():
+        raise ValueError(f"probs rows must sum to 1 (softmax output); {int(off.sum())} rows sum to values in "
+                         f"[{s.min():.4g}, {s.max():.4g}]: logits or sigmoid outputs?")
+    return p / s[:, None]
+
+
+def _path_safe(name: str) -> bool:
+    """MLflow also rejects names that change under posixpath.normpath ('a//b', 'a/', 'a/../b')."""
+    return posixpath.normpath(name) == name
+
+
+def metric_key_names(class_names: Sequence[str]) -> list[str]:
+    """Unique MLflow-key fragments for class names: ASCII-folded ('ü' -> 'u'), disallowed chars -> '_'.
+
+    Collisions after sanitizing get the class index appended, so every class keeps its own keys; 'ovr' is
+    reserved because `roc_auc_ovr` is the macro AUC and a class must not overwrite it."""
+    used, out = {"ovr"}, []
+    for i, raw in enumerate(class_names):
+        s = unicodedata.normalize("NFKD", str(raw)).encode("ascii", "ignore").decode()
+        s = re.sub(r"[^A-Za-z0-9_\-. /]", "_", s).strip() or f"class{i}"
+        if not _path_safe(f"x_{s}"):
+            s = s.replace("/", "_")
+        while s in used:
+            s = f"{s}_{i}"
+        used.add(s)
+        out.append(s)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# metrics
+
+@contextmanager
+def _quiet():
+    """Degenerate splits (one class present, a class never predicted) are expected, not news: keep logs clean."""
+    from sklearn.exceptions import UndefinedMetricWarning
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UndefinedMetricWarning)
+        warnings.filterwarnings("ignore", message=".*(y_pred contains classes not in y_true|"
+                                "Only one class|No positive samples|No negative samples).*")
+        yield
+
+
+def _confusion(y_true: np.ndarray, y_pred: np.ndarray, k: int) -> np.ndarray:
+    return np.bincount(y_true * k + y_pred, minlength=k * k).reshape(k, k)
+
+
+def _ovr_auc(y_true: np.ndarray, p: np.ndarray) -> dict[int, float]:
+    """Per-class one-vs-rest AUC, only for classes with both positives and negatives (else undefined)."""
+    from sklearn.metrics import roc_auc_score
+    out = {}
+    for c in range(p.shape[1]):
+        pos = y_true == c
+        if pos.any() and not pos.all():
+            out[c] = float(roc_auc_score(pos, p[:, c]))
+    return out
+
+
+def classification_metrics(y_true: np.ndarray, probs: np.ndarray, class_names: Sequence[str],
+                           prefix: str = "test_") -> dict[str, float]:
+    """Flat `{prefix}<metric>` floats ready for `mlflow.log_metrics`.
+
+    Aggregates: accuracy, macro_f1, weighted_f1, macro_precision, macro_recall, balanced_accuracy,
+    roc_auc_ovr, log_loss, n. Per class (sanitized name, see `metric_key_names`): precision_, recall_, f1_,
+    roc_auc_, support_. Precision/recall/F1 run over all k classes with zero_division=0, matching
+    classification_report.txt. A class absent from y_true has no ROC-AUC: its key is omitted and the macro
+    covers the defined classes (omitted too when none is defined), so no NaN ever reaches MLflow.
+    balanced_accuracy is the mean recall over the classes present in y_true (sklearn's definition).
+    """
+    from sklearn.metrics import log_loss, precision_recall_fscore_support, roc_auc_score
+
+    names = _check_names(class_names)
+    k = len(names)
+    y = _check_labels(y_true, k, "y_true")
+    p = _check_probs(probs, len(y), k)
+    if not _MLFLOW_KEY.match(f"{prefix}accuracy") or not _path_safe(f"{prefix}accuracy"):
+        raise ValueError(f"prefix {prefix!r} is not MLflow-safe (allowed: alphanumerics, _ - . space /)")
+    pred = p.argmax(axis=1)
+    labels = list(range(k))
+    cm = _confusion(y, pred, k)
+    support = cm.sum(axis=1)
+
+    with _quiet():
+        prec, rec, f1, _ = precision_recall_fscore_support(y, pred, labels=labels, zero_division=0)
+        m = {
+            "accuracy": float(np.trace(cm) / len(y)),
+            "macro_f1": float(f1.mean()),
+            "weighted_f1": float(np.average(f1, weights=support)),
+            "macro_precision": float(prec.mean()),
+            "macro_recall": float(rec.mean()),
+            "balanced_accuracy": float(np.mean(np.diag(cm)[support > 0] / support[support > 0])),
+            "log_loss": float(log_loss(y, p, labels=labels)),
+            "n": float(len(y)),
+        }
+        auc = _ovr_auc(y, p)
+        if k == 2:
+            if 1 in auc:  # ordinary binary AUC; equals class 0's OvR AUC since p0 = 1 - p1
+                m["roc_auc_ovr"] = float(roc_auc_score(y, p[:, 1]))
+        elif auc:
+            m["roc_auc_ovr"] = float(np.mean(list(auc.values())))
+
+    for c, key in enumerate(metric_key_names(names)):
+        m[f"precision_{key}"] = float(prec[c])
+        m[f"recall_{key}"] = float(rec[c])
+        m[f"f1_{key}"] = float(f1[c])
+        m[f"support_{key}"] = float(support[c])
+        if c in auc:
+            m[f"roc_auc_{key}"] = auc[c]
+    return {f"{prefix}{name}": v for name, v in m.items()}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# figures
+
+def _figure(w: float, h: float):
+    from matplotlib.figure import Figure  # Agg canvas on savefig; no pyplot, no GUI backend, nothing global
+    return Figure(figsize=(w, h), dpi=DPI, layout="constrained")
+
+
+def _save(fig, path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=DPI, format="png")
+    fig.clear()  # drop artists now rather than whenever the GC gets to the figure
+    return path
+
+
+def _label(name: str, width: int = 18) -> str:
+    """Long class names wrap onto lines instead of pushing the matrix off the canvas."""
+    import textwrap
+    return "\n".join(textwrap.wrap(str(name), width, break_long_words=True)[:3]) or str(name)
+
+
+def confusion_matrix_png(y_true, y_pred, class_names, path) -> Path:
+    """Counts and row-normalized % per cell; colour is the row %, so rare classes are as readable as common ones."""
+    names = _check_names(class_names)
+    k = len(names)
+    y = _check_labels(y_true, k, "y_true")
+    yp = _check_labels(y_pred, k, "y_pred")
+    if len(y) != len(yp):
+        raise ValueError(f"y_true has {len(y)} rows but y_pred has {len(yp)}")
+    cm = _confusion(y, yp, k)
+    rows = cm.sum(axis=1, keepdims=True)
+    pct = np.divide(cm, rows, out=np.zeros(cm.shape), where=rows > 0) * 100
+
+    side = min(2.5 + 0.6 * k, 36.0)
+    fs = max(4.0, min(10.0, (side - 2.5) / k * 72 / 5))  # two text lines must fit in one cell
+    fig = _figure(side + 1.2, side)
+    ax = fig.add_subplot()
+    im = ax.imshow(pct, cmap="Blues", vmin=0, vmax=100)
+    fig.colorbar(im, ax=ax, shrink=0.8, label="% of true class")
+    if k <= 60:  # past that the numbers are unreadable anyway; the colour still tells the story
+        for i in range(k):
+            for j in range(k):
+                txt = f"{cm[i, j]}\n{pct[i, j]:.1f}%" if rows[i, 0] else "0\n–"
+                ax.text(j, i, txt, ha="center", va="center", fontsize=fs,
+                        color="white" if pct[i, j] > 55 else "black")
+    tick = [_label(c) for c in names]
+    ax.set_xticks(range(k), tick, rotation=45 if k > 3 else 0, ha="right" if k > 3 else "center",
+                  fontsize=max(6.0, fs))
+    ax.set_yticks(range(k), tick, fontsize=max(6.0, fs))
+    ax.set_xlabel("Predicted")
+    ax.set_ylabel("True")
+    ax.set_title(f"Confusion matrix (n={len(y)}, accuracy={np.trace(cm) / len(y):.3f})")
+    return _save(fig, path)
+
+
+def _families(history: Mapping[str, Sequence[float]]) -> dict[str, dict[str, np.ndarray]]:
+    """Group 'x' and 'val_x' into one family; loss first, accuracy second, the rest in Keras order."""
+    fam: dict[str, dict[str, np.ndarray]] = {}
+    for key, vals in history.items():
+        v = np.asarray(list(vals) if not isinstance(vals, np.ndarray) else vals, dtype=np.float64).ravel()
+        if v.size == 0:
+            continue
+        base = key[4:] if key.startswith("val_") and len(key) > 4 else key
+        fam.setdefault(base, {})["val" if base != key else "train"] = v
+    order = {"loss": 0, "accuracy": 1, "acc": 1}
+    return dict(sorted(fam.items(), key=lambda kv: order.get(kv[0], 2)))  # stable: keeps the rest in order
+
+
+def training_curves_png(history: Mapping[str, Sequence[float]], path) -> Path:
+    """One panel per metric family, train and val overlaid, epochs from 1; the best val_loss epoch is marked
+    because that is the checkpoint early stopping restores."""
+    from matplotlib.ticker import MaxNLocator
+
+    fam = _families(history or {})
+    if not fam:
+        fig = _figure(5, 3)
+        ax = fig.add_subplot()
+        ax.text(0.5, 0.5, "no history\n(training recorded no epochs)", ha="center", va="center", fontsize=14)
+        ax.set_axis_off()
+        ax.set_title("Training curves")
+        return _save(fig, path)
+
+    ncol = min(3, len(fam))
+    nrow = math.ceil(len(fam) / ncol)
+    fig = _figure(4.8 * ncol, 3.6 * nrow)
+    axes = fig.subplots(nrow, ncol, squeeze=False).ravel()
+    for ax, (name, series) in zip(axes, fam.items()):
+        for split, style in (("train", "-o"), ("val", "--s")):
+            if split in series:
+                v = series[split]
+                ax.plot(np.arange(1, len(v) + 1), v, style, ms=3, lw=1.5, label=split)
+        if name == "loss" and "val" in series and np.isfinite(series["val"]).any():
+            e = int(np.nanargmin(series["val"]))
+            ax.plot(e + 1, series["val"][e], "*", ms=12, color="tab:red", label=f"best val (epoch {e + 1})")
+        if name in _LR_KEYS and all(np.all(s[np.isfinite(s)] > 0) for s in series.values()):
+            ax.set_yscale("log")
+        ax.set_title(name)
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    for ax in axes[len(fam):]:
+        ax.set_axis_off()
+    fig.suptitle("Training curves")
+    return _save(fig, path)
+
+
+def roc_curves_png(y_true, probs, class_names, path) -> Path:
+    """One-vs-rest ROC per class with its AUC; classes without positives (or negatives) are listed as undefined.
+    A binary problem shows the positive class (index 1) only: class 0's curve is its mirror image."""
+    from matplotlib import colormaps
+    from sklearn.metrics import roc_curve
+
+    names = _check_names(class_names)
+    k = len(names)
+    y = _check_labels(y_true, k, "y_true")
+    p = _check_probs(probs, len(y), k)
+    with _quiet():
+        auc = _ovr_auc(y, p)
+    classes = [1] if k == 2 else range(k)
+    legend_cols = 1 + k // 20
+    fig = _figure(6.5 if k <= 10 else 6.0 + 3.1 * legend_cols, 5.5 if k <= 10 else 6.5)
+    ax = fig.add_subplot()
+    ax.plot([0, 1], [0, 1], ":", color="grey", lw=1, label="chance")
+    cmap = colormaps["tab10" if k <= 10 else "tab20"]
+    undefined = [names[c] for c in classes if c not in auc]
+    for c in classes:
+        if c in auc:
+            fpr, tpr, _ = roc_curve(y == c, p[:, c])
+            ax.plot(fpr, tpr, lw=1.6, color=cmap(c % cmap.N), label=f"{names[c]} (AUC={auc[c]:.3f})")
+    for name in undefined:  # legend entry without a line: the class is visibly accounted for
+        ax.plot([], [], " ", label=f"{name} (AUC undefined)")
+    if len(undefined) == len(classes):
+        ax.text(0.5, 0.6, "ROC undefined:\ny_true holds a single class", ha="center", va="center",
+                fontsize=13, color="dimgrey", transform=ax.transAxes)
+    ax.set_xlim(-0.01, 1.01)  # margins keep perfect curves (along the axes) visible
+    ax.set_ylim(-0.01, 1.01)
+    ax.set_aspect("equal")
+    ax.set_xlabel("False positive rate")
+    ax.set_ylabel("True positive rate")
+    defined = [auc[c] for c in classes if c in auc]
+    macro = f", macro AUC={np.mean(defined):.3f}" if defined and k > 2 else ""
+    ax.set_title(("ROC (positive class: " + names[1] + ")" if k == 2 else "ROC one-vs-rest") + macro)
+    ax.grid(alpha=0.3)
+    if k <= 10:
+        ax.legend(loc="lower right", fontsize=8)
+    else:
+        fig.legend(*ax.get_legend_handles_labels(), loc="outside right upper", fontsize=7, ncol=legend_cols)
+    return _save(fig, path)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# everything at once
+
+def _jsonable(o):
+    if isinstance(o, np.generic):
+        return o.item()
+    raise TypeError(f"not JSON serializable: {type(o).__name__}")
+
+
+def evaluate(y_true, probs, class_names, out_dir, history=None,
+             prefix: str = "test_") -> tuple[dict[str, float], list[Path]]:
+    """Metrics plus every artifact the pipeline logs after training, written to out_dir.
+
+    Files: confusion_matrix.png, classification_report.txt, classification_report.json (sklearn's dict plus
+    `confusion_matrix` rows=true/cols=pred and `class_names`), training_curves.png (only when history is
+    not None; an empty history still gets a 'no history' figure), roc_curves.png.
+    """
+    from sklearn.metrics import classification_report
+
+    metrics = classification_metrics(y_true, probs, class_names, prefix=prefix)  # validates everything
+    names = _check_names(class_names)
+    k = len(names)
+    y = _check_labels(y_true, k, "y_true")
+    p = _check_probs(probs, len(y), k)
+    pred = p.argmax(axis=1)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    written = [confusion_matrix_png(y, pred, names, out / "confusion_matrix.png")]
+    kw = dict(labels=list(range(k)), target_names=names, zero_division=0)
+    with _quiet():
+        text = classification_report(y, pred, digits=4, **kw)
+        report = classification_report(y, pred, output_dict=True, **kw)
+    txt = out / "classification_report.txt"
+    txt.write_text(text, encoding="utf-8")
+    report["confusion_matrix"] = _confusion(y, pred, k).tolist()
+    report["class_names"] = names
+    js = out / "classification_report.json"
+    js.write_text(json.dumps(report, indent=2, ensure_ascii=False, default=_jsonable), encoding="utf-8")
+    written += [txt, js]
+    if history is not None:
+        written.append(training_curves_png(history, out / "training_curves.png"))
+    written.append(roc_curves_png(y, p, names, out / "roc_curves.png"))
+    return metrics, written

@@ -1,0 +1,186 @@
+"""The training entrypoint: config -> Spark -> Petastorm -> backend -> evaluation -> MLflow.
+
+    python -m medspark.train [overrides]      (also installed as `medspark`)
+
+`train(cfg)` is importable (tests, sweeps, notebooks); `main()` is only the Hydra wrapper.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import hydra
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from . import tracking
+from .config import ConfigError, check, config_dir, project_root
+from .data import loader, materialize as mat
+from .data.preprocess import PreprocessConfig
+from .data.sources import DatasetError, list_images
+
+log = logging.getLogger("medspark")
+
+
+def list_dataset(dcfg):
+    """The dataset's listing; the built-in synthetic set is generated first (once per parameters)."""
+    if dcfg.get("generate"):
+        from .data import synthetic
+
+        g = dcfg.generate
+        synthetic.generate(dcfg.root, per_class=int(g.per_class), size=int(g.size), seed=int(g.seed))
+    return list_images(dcfg)
+
+
+def train(cfg: DictConfig, overrides: list[str] | tuple = (), spark=None) -> float:
+    """Run one training job end to end and return the objective metric (for sweepers)."""
+    check(cfg)
+    tracking.configure(cfg.tracking)
+    with tracking.run(cfg.tracking.get("run_name") or f"{cfg.model.name}-{_backend_name(cfg)}",
+                      _tags(cfg, overrides)) as run, tempfile.TemporaryDirectory(prefix="medspark-") as tmp:
+        import mlflow
+
+        tracking.log_config(cfg, overrides)
+        timings = Timings()
+        with timings("list_seconds"):
+            listing = list_dataset(cfg.dataset)
+        log.info("listed %d files in %d classes %s", len(listing.records), len(listing.classes), listing.counts())
+        from .spark import session
+
+        own_spark = spark is None
+        spark = spark or session(cfg.cluster, app_name=f"medspark-{cfg.dataset.name}")
+        try:
+            data = _materialize(cfg, spark, listing)
+            timings.update(data_timings(data))
+            tracking.log_data(data)
+            result = _fit(cfg, spark, data)
+        finally:
+            if own_spark:
+                spark.stop()
+        timings.update(train_seconds=result.train_seconds, train_images_per_second=result.images_per_second)
+        tracking.log_training(result)
+        with timings("evaluate_seconds"):
+            metrics = _evaluate(result, data, Path(tmp))
+        with timings("log_model_seconds"):
+            example, _ = loader.read_arrays(data.split_url("test"), limit=2)
+            info = tracking.log_model(result.model, example.astype("float32"), cfg.tracking.get("registered_model"))
+        mlflow.log_metrics(dict(timings))
+        objective = float(metrics.get(cfg.train.objective, float("nan")))
+        summary = {"run_id": run.info.run_id, "experiment_id": run.info.experiment_id,
+                   "model_uri": (f"models:/{cfg.tracking.registered_model}/{info.registered_model_version}"
+                                 if info.registered_model_version else info.model_uri),
+                   "objective": {cfg.train.objective: objective},
+                   "test": {k: round(v, 4) for k, v in metrics.items() if k in
+                            ("test_accuracy", "test_macro_f1", "test_roc_auc_ovr", "test_n")},
+                   "seconds": {k: round(v, 1) for k, v in timings.items() if k.endswith("seconds")}}
+        mlflow.log_dict(summary, "summary.json")
+    _print_summary(summary, cfg.tracking.uri)
+    return objective
+
+
+class Timings(dict):
+    """Named wall times: `with timings("x_seconds"): ...`."""
+
+    @contextmanager
+    def __call__(self, key: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self[key] = time.perf_counter() - t0
+
+
+def _backend_name(cfg) -> str:
+    return cfg.backend.get("name") or cfg.backend._target_.rsplit(".", 1)[-1].lower()
+
+
+def _tags(cfg, overrides) -> dict:
+    tags = {"medspark.model": cfg.model.name, "medspark.backend": _backend_name(cfg),
+            "medspark.cluster": cfg.cluster.name, "medspark.dataset": cfg.dataset.name,
+            "medspark.overrides": " ".join(overrides)[:5000]}
+    commit = tracking.git_commit(project_root())
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+    return tags
+
+
+def _materialize(cfg, spark, listing) -> mat.Materialized:
+    pre = PreprocessConfig.from_mapping(OmegaConf.to_container(cfg.preprocess))
+    split = {"val": float(cfg.split.val), "test": float(cfg.split.test), "seed": int(cfg.split.seed)}
+    data = mat.materialize(spark, listing, pre, split, cfg.paths.data_url, cfg.dataset.name,
+                           row_group_size_mb=int(cfg.materialize.row_group_size_mb),
+                           rebuild=bool(cfg.materialize.rebuild))
+    for name in ("train", "val", "test"):
+        if not data.sizes[name]:
+            raise DatasetError(f"the {name} split is empty after preprocessing ({len(data.rejected)} files rejected, "
+                               f"see data/rejected.csv in the run); check dataset.root and split.*")
+    return data
+
+
+def data_timings(data: mat.Materialized) -> dict[str, float]:
+    out = {"preprocess_seconds": data.seconds.get("hash", 0) + data.seconds.get("preprocess", 0),
+           "materialize_seconds": data.seconds.get("write", 0)}
+    if not data.reused and out["preprocess_seconds"]:
+        out["preprocess_images_per_second"] = data.listed / out["preprocess_seconds"]
+    return out
+
+
+def _fit(cfg, spark, data):
+    from .backends.base import TrainJob
+
+    backend = instantiate(cfg.backend)
+    return backend.fit(TrainJob(
+        data=data, train=cfg.train, spark=spark, seed=int(cfg.seed),
+        build_model=lambda: instantiate(cfg.model, input_shape=data.shape, num_classes=len(data.classes))))
+
+
+def _evaluate(result, data, tmp: Path) -> dict[str, float]:
+    """Predict the test split batch by batch (never all in memory), then metrics, reports and plots."""
+    import mlflow
+    import numpy as np
+
+    from .evaluate import evaluate
+
+    probs, labels = [], []
+    for x, y in loader.dataset(data.split_url("test"), data.shape, 128, training=False):
+        probs.append(result.model.predict_on_batch(x))
+        labels.append(y.numpy())
+    metrics, files = evaluate(np.concatenate(labels), np.concatenate(probs), data.classes, tmp / "evaluation",
+                              history=result.history)
+    mlflow.log_metrics(metrics)
+    for f in files:
+        mlflow.log_artifact(str(f), "evaluation")
+    return metrics
+
+
+def _print_summary(summary: dict, uri: str) -> None:
+    print("\n=== medspark run finished ===", flush=True)
+    print(json.dumps(summary, indent=2))
+    print(f"run id:   {summary['run_id']}")
+    print(f"model:    {summary['model_uri']}")
+    print(f"MLflow UI: {tracking.store_uri_for_ui(uri)}   (then open http://127.0.0.1:5000)", flush=True)
+
+
+@hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
+def _hydra_main(cfg: DictConfig) -> float:
+    from hydra.core.hydra_config import HydraConfig
+
+    try:
+        return train(cfg, overrides=list(HydraConfig.get().overrides.task))
+    except (ConfigError, DatasetError, FileNotFoundError) as e:
+        log.error("%s", e)
+        print(f"medspark: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def main() -> None:
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

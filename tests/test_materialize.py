@@ -1,0 +1,136 @@
+"""Spark -> Petastorm on real files: every listed file is accounted for, odd real-world files are handled,
+a finished dataset is reused, and a half-written one never is."""
+import os
+import shutil
+
+import numpy as np
+import pytest
+from omegaconf import OmegaConf
+
+from medspark.data import materialize as mat
+from medspark.data.loader import read_arrays
+from medspark.data.preprocess import PreprocessConfig
+from medspark.data.sources import list_images
+from conftest import shared_dataset
+
+PRE = PreprocessConfig(image_size=48, channels=1)
+SPLIT = {"val": 0.2, "test": 0.2, "seed": 0}
+
+
+def sample(src_root, dst, per_class, extra=()):
+    """A small real sample: the first files of each class folder (symlinked), plus named quirky files."""
+    for cls_dir in sorted(p for p in src_root.iterdir() if p.is_dir()):
+        out = dst / cls_dir.name
+        out.mkdir(parents=True)
+        names = sorted(os.listdir(cls_dir))[:per_class] + [n for n in extra if (cls_dir / n).exists()]
+        for name in dict.fromkeys(names):
+            os.symlink(cls_dir / name, out / name)
+    return dst
+
+
+def listing_of(root, layout="class_folders", **kw):
+    return list_images(OmegaConf.create({"layout": layout, "root": str(root), "classes": None, **kw}))
+
+
+def check_accounting(m, listing):
+    assert m.listed == len(listing.records) == m.accepted + len(m.rejected)
+    assert m.accepted == sum(m.sizes.values())
+
+
+@pytest.mark.real_data
+def test_real_brain_tumor_sample_with_png_in_jpg(spark, tmp_path):
+    src = shared_dataset("brain-tumor-mri") / "Training"
+    png_in_jpg = [f"Tr-no_{i}.jpg" for i in (1005, 1011, 1012, 1019, 1020)]
+    root = sample(src, tmp_path / "brain", per_class=12, extra=png_in_jpg)
+    listing = listing_of(root)
+    m = mat.materialize(spark, listing, PRE, SPLIT, str(tmp_path / "data"), "brain")
+    check_accounting(m, listing)
+    assert not m.rejected, "every real image decodes, PNG data in .jpg files included"
+    images, labels = read_arrays(m.split_url("train"))
+    assert images.shape[1:] == (48, 48, 1) and images.dtype == np.uint8 and len(images) == m.sizes["train"]
+    assert set(labels) == {0, 1, 2, 3} and images.std() > 10
+
+
+@pytest.mark.real_data
+def test_real_chest_xray_sample_with_ds_store_and_predefined_test(spark, tmp_path):
+    src = shared_dataset("chest-xray-pneumonia")
+    for split in ("train", "test"):
+        sample(src / split, tmp_path / "cx" / split, per_class=8)
+        os.symlink(src / split / ".DS_Store", tmp_path / "cx" / split / "NORMAL" / ".DS_Store")  # the real one
+        os.symlink(src / split / ".DS_Store", tmp_path / "cx" / split / ".DS_Store")  # outside class folders: ignored
+    listing = listing_of(tmp_path / "cx", layout="split_folders", split_dirs={"train": "train", "test": "test"})
+    assert listing.has_test_split
+    m = mat.materialize(spark, listing, PreprocessConfig(image_size=48, channels=3), SPLIT, str(tmp_path / "d"), "cx")
+    check_accounting(m, listing)
+    ds_store = [why for path, why in m.rejected if path.endswith(".DS_Store")]
+    assert len(ds_store) == 2 and all("system file" in w for w in ds_store)
+    assert len(m.rejected) == len(ds_store)
+    assert m.sizes["test"] == 16, "the dataset's own test folder is the test split"
+    assert read_arrays(m.split_url("test"))[0].shape[1:] == (48, 48, 3)
+
+
+@pytest.mark.real_data
+def test_real_yes_no_mixed_extensions_and_duplicates(spark, tmp_path):
+    root = shared_dataset("brain-mri-yes-no")
+    listing = listing_of(root)
+    exts = {os.path.splitext(r.path)[1] for r in listing.records}
+    assert {".jpg", ".JPG", ".jpeg", ".png"} <= exts
+    m = mat.materialize(spark, listing, PRE, SPLIT, str(tmp_path / "data"), "yesno")
+    check_accounting(m, listing)
+    assert m.accepted == 253 and m.duplicate_groups > 0
+    where = {}
+    for split in ("train", "val", "test"):
+        from petastorm import make_reader
+        with make_reader(m.split_url(split), schema_fields=["sha1"], num_epochs=1) as r:
+            for row in r:
+                assert where.setdefault(row.sha1, split) == split, "a duplicated content straddles splits"
+
+
+def test_corrupt_files_are_skipped_counted_and_listed(spark, tmp_path):
+    from PIL import Image
+
+    for cls in ("a", "b"):
+        (tmp_path / "ds" / cls).mkdir(parents=True)
+        for i in range(6):
+            Image.fromarray(np.full((32, 32), 40 * i + (100 if cls == "b" else 0), np.uint8)).save(
+                tmp_path / "ds" / cls / f"{i}.png")
+    (tmp_path / "ds" / "a" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    (tmp_path / "ds" / "b" / "empty.png").write_bytes(b"")
+    (tmp_path / "ds" / "b" / "notes.txt").write_text("scan protocol v2")
+    listing = listing_of(tmp_path / "ds")
+    m = mat.materialize(spark, listing, PRE, SPLIT, str(tmp_path / "data"), "zoo")
+    check_accounting(m, listing)
+    reasons = dict((os.path.basename(p), why) for p, why in m.rejected)
+    assert set(reasons) == {"broken.jpg", "empty.png", "notes.txt"}
+    assert "empty file" in reasons["empty.png"] and "not an image" in reasons["notes.txt"]
+    assert m.accepted == 12
+    csv_text = (tmp_path / "data" / "zoo" / m.fingerprint / mat.REJECTED).read_text()
+    assert "broken.jpg" in csv_text, "the rejected list is kept next to the data"
+
+
+def test_finished_dataset_is_reused_and_partial_one_rebuilt(spark, tmp_path):
+    src = tmp_path / "ds"
+    for cls in ("a", "b"):
+        (src / cls).mkdir(parents=True)
+        for i in range(5):
+            from PIL import Image
+            Image.fromarray(np.full((20, 20), i * 30 + (cls == "b") * 7, np.uint8)).save(src / cls / f"{i}.png")
+    listing = listing_of(src)
+    first = mat.materialize(spark, listing, PRE, SPLIT, str(tmp_path / "data"), "tiny")
+    assert not first.reused
+    again = mat.materialize(spark, listing, PRE, SPLIT, str(tmp_path / "data"), "tiny")
+    assert again.reused and again.sizes == first.sizes and again.url == first.url
+    other = mat.materialize(spark, listing, PreprocessConfig(image_size=32), SPLIT, str(tmp_path / "data"), "tiny")
+    assert other.url != first.url and not other.reused, "a preprocessing change gets its own dataset"
+    # a write that died: the folder is there, the manifest is not -> rebuilt with the right row count
+    folder = tmp_path / "data" / "tiny" / first.fingerprint
+    (folder / mat.MANIFEST).unlink()
+    shutil.rmtree(folder / "val")
+    rebuilt = mat.materialize(spark, listing, PRE, SPLIT, str(tmp_path / "data"), "tiny")
+    assert not rebuilt.reused and rebuilt.sizes == first.sizes
+    assert len(read_arrays(rebuilt.split_url("val"))[1]) == first.sizes["val"]
+    # a changed input file changes the fingerprint
+    from PIL import Image
+    Image.fromarray(np.zeros((20, 20), np.uint8)).save(src / "a" / "0.png")
+    os.utime(src / "a" / "0.png", ns=(1, 1))
+    assert mat.fingerprint(listing, PRE, SPLIT) != first.fingerprint

@@ -1,0 +1,113 @@
+"""Listings and splits: layouts are read as users lay them out, bad roots fail with the key to set, and
+equal contents never straddle train and test (the leak that inflates published accuracies)."""
+import hashlib
+from collections import Counter, defaultdict
+
+import pytest
+from omegaconf import OmegaConf
+
+from medspark.data.sources import DatasetError, list_images
+from medspark.data.splits import assign
+from conftest import shared_dataset
+
+
+def ds(**kw):
+    return OmegaConf.create({"layout": "class_folders", "classes": None, **kw})
+
+
+def fill(folder, names):
+    folder.mkdir(parents=True, exist_ok=True)
+    for n in names:
+        (folder / n).write_bytes(n.encode())
+
+
+def test_class_folders_and_split_folders(tmp_path):
+    fill(tmp_path / "a" / "b", ["1.png", "2.png"])
+    fill(tmp_path / "a" / "c", ["3.png"])
+    listing = list_images(ds(root=str(tmp_path / "a")))
+    assert listing.classes == ["b", "c"] and listing.counts() == {"b": 2, "c": 1} and not listing.has_test_split
+    fill(tmp_path / "s" / "Training" / "x", ["1.jpg", "2.jpg"])
+    fill(tmp_path / "s" / "Training" / "y", ["3.jpg"])
+    fill(tmp_path / "s" / "Testing" / "x", ["4.jpg"])
+    listing = list_images(ds(root=str(tmp_path / "s"), layout="split_folders",
+                             split_dirs={"train": "Training", "test": "Testing"}))
+    assert listing.has_test_split and [r.split for r in listing.records].count("test") == 1
+
+
+@pytest.mark.parametrize("root, match", [(None, "dataset.root is not set"), ("???", "dataset.root is not set"),
+                                         ("/nonexistent/scans", "dataset.root=/nonexistent/scans does not exist")])
+def test_missing_root_names_the_key(root, match):
+    with pytest.raises(DatasetError, match=match):
+        list_images(ds(root=root))
+
+
+def test_empty_class_folder_and_missing_class_fail_clearly(tmp_path):
+    fill(tmp_path / "yes", ["1.png"])
+    (tmp_path / "no").mkdir()
+    with pytest.raises(DatasetError, match="class folder .*no is empty"):
+        list_images(ds(root=str(tmp_path)))
+    with pytest.raises(DatasetError, match=r"\['maybe'\] not found"):
+        list_images(ds(root=str(tmp_path), classes=["yes", "maybe"]))
+
+
+def items_from(n_per_class, dup_every=0, classes=2):
+    out = []
+    for c in range(classes):
+        for i in range(n_per_class):
+            sha = f"{c}-{i // 2}" if dup_every and i % dup_every < 2 else f"{c}-{i}-u"
+            out.append((f"/d/{c}/{i}.png", c, sha, None))
+    return out
+
+
+def test_split_is_stratified_seeded_and_keeps_duplicates_together():
+    items = items_from(100, dup_every=5)
+    rep = assign(items, ["a", "b"], val=0.15, test=0.15, seed=3)
+    for cls in ("a", "b"):
+        assert 12 <= rep.per_class["test"][cls] <= 18 and 12 <= rep.per_class["val"][cls] <= 18
+    where = defaultdict(set)
+    for path, _, sha, _ in items:
+        where[sha].add(rep.assignment[path])
+    assert all(len(s) == 1 for s in where.values())
+    assert rep.duplicate_groups > 0
+    assert assign(items, ["a", "b"], 0.15, 0.15, seed=3).assignment == rep.assignment
+    assert assign(items, ["a", "b"], 0.15, 0.15, seed=4).assignment != rep.assignment
+    assert assign(list(reversed(items)), ["a", "b"], 0.15, 0.15, seed=3).assignment == rep.assignment
+
+
+def test_predefined_test_split_is_honoured_and_wins_duplicates():
+    items = [(f"/train/{i}.png", i % 2, f"h{i}", None) for i in range(40)]
+    items += [("/test/0.png", 0, "h0", "test"), ("/test/x.png", 1, "hx", "test")]  # h0 is also in train
+    rep = assign(items, ["a", "b"], val=0.2, test=0.3, seed=0, has_test_split=True)
+    assert rep.assignment["/test/x.png"] == "test" and rep.assignment["/train/0.png"] == "test"
+    assert rep.moved_to_test == 1 and rep.sizes["test"] == 3  # nothing else carved out for test
+
+
+@pytest.mark.parametrize("val, test, match", [(0, 0.2, "split.val"), (0.2, 1.0, "split.test"), (0.2, 0, "split.test"),
+                                              (0.5, 0.5, "leaves nothing to train")])
+def test_bad_fractions_name_the_key(val, test, match):
+    with pytest.raises(ValueError, match=match):
+        assign(items_from(10), ["a", "b"], val, test, 0)
+
+
+def test_too_few_images_to_stratify():
+    items = items_from(10) + [("/d/2/0.png", 2, "lonely", None), ("/d/2/1.png", 2, "lonely2", None)]
+    with pytest.raises(ValueError, match="class 'c' has 2 distinct image"):
+        assign(items, ["a", "b", "c"], 0.15, 0.15, 0)
+
+
+@pytest.mark.real_data
+def test_real_brain_mri_duplicates_never_straddle_splits():
+    root = shared_dataset("brain-tumor-mri")
+    listing = list_images(ds(root=str(root), layout="split_folders", split_dirs={"train": "Training", "test": "Testing"},
+                             classes=["glioma", "meningioma", "notumor", "pituitary"]))
+    assert len(listing.records) == 5712 and not listing.has_test_split  # Testing is held back from us
+    items = [(r.path, r.label, hashlib.sha1(open(r.path, "rb").read()).hexdigest(), r.split) for r in listing.records]
+    rep = assign(items, listing.classes, 0.15, 0.15, seed=42)
+    assert rep.duplicate_groups == 148
+    splits_of = defaultdict(set)
+    for path, _, sha, _ in items:
+        splits_of[sha].add(rep.assignment[path])
+    assert all(len(s) == 1 for s in splits_of.values())
+    assert sum(rep.sizes.values()) == 5712
+    shares = Counter(rep.assignment.values())
+    assert abs(shares["test"] / 5712 - 0.15) < 0.01 and abs(shares["val"] / 5712 - 0.15) < 0.01
