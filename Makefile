@@ -40,9 +40,12 @@ ui: venv
 # Re-resolve the lock from the direct pins in pyproject.toml (needs the package registry).
 lock:
 	rm -rf /tmp/medspark-lock && $(PYTHON) -m venv /tmp/medspark-lock
-	/tmp/medspark-lock/bin/pip install -q . pytest
+	/tmp/medspark-lock/bin/pip install -q . pytest "setuptools>=69.5,<70"
 	( echo '# The tested lock: `make venv` installs exactly these (Python 3.11, Linux x86-64). Regenerate with `make lock`.'; \
-	  /tmp/medspark-lock/bin/pip freeze --exclude medspark ) > requirements.txt
+	  /tmp/medspark-lock/bin/pip freeze --all --exclude medspark --exclude pip --exclude wheel ) > requirements.txt
+	$(PYTHON) -c 'import re; pins = [l.strip() for l in open("requirements.txt") if l.strip() and not l.startswith("#")]; \
+	  s = open("conda.yaml").read(); head = s[:s.index("  - pip:") + len("  - pip:")]; \
+	  open("conda.yaml", "w").write(head + "\n" + "".join(f"      - {p}\n" for p in pins) + "      - -e .\n")'
 
 clean:
 	rm -rf $(VENV) .medspark outputs multirun

@@ -47,6 +47,8 @@ def session(cfg, app_name: str = "medspark"):
     _ensure_java()
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
+    if cfg.name == "local":  # nothing outside this machine needs to reach a local-mode Spark
+        os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
     from pyspark.sql import SparkSession
 
     builder = SparkSession.builder.master(master_url(cfg)).appName(app_name)

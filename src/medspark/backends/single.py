@@ -15,8 +15,9 @@ class Single:
     name = "single"
 
     def __init__(self, intra_op_threads: int | None = None, inter_op_threads: int | None = None,
-                 reader_workers: int = 4):
-        self.intra, self.inter, self.reader_workers = intra_op_threads, inter_op_threads, reader_workers
+                 reader_pool: str = "dummy", reader_workers: int = 4):
+        self.intra, self.inter = intra_op_threads, inter_op_threads
+        self.reader_pool, self.reader_workers = reader_pool, reader_workers
 
     def _threads(self):
         import tensorflow as tf
@@ -38,7 +39,8 @@ class Single:
         bs = int(t.batch_size)
         ds = lambda split, training: loader.dataset(  # noqa: E731
             d.split_url(split), d.shape, bs, training=training, seed=job.seed, augment=job.augment,
-            shuffle_buffer=int(t.get("shuffle_buffer", 1024)), workers=self.reader_workers, rows=d.sizes[split])
+            shuffle_buffer=int(t.get("shuffle_buffer", 1024)), pool=self.reader_pool, workers=self.reader_workers,
+            rows=d.sizes[split])
         model = job.build_model()
         compile_model(model, t)
         timer = EpochTimer()

@@ -31,19 +31,19 @@ PNG_COMPRESS_LEVEL = 1  # zlib level: ~3x faster than the default 6, files ~10% 
 TISSUE_LEVEL = (0.30, 0.38)  # gray matter; white matter is 0.05-0.08 brighter
 SKULL_LEVEL = (0.85, 1.0)  # the brightest structure, so no lesion can pass for skull
 SKULL_PX = (2.5, 4.0)  # skull ring thickness at 128 px (scaled with size)
-TEXTURE = (0.045, 0.02)  # amplitude of low- and mid-frequency tissue texture
+TEXTURE = (0.035, 0.015)  # amplitude of low- and mid-frequency tissue texture
 GAIN = (0.9, 1.1)  # scanner gain
 GAMMA = (0.9, 1.1)  # display windowing
 NOISE_SD = (0.015, 0.04)  # Rician noise sigma
 
 # Lesion appearance. Sizes are fractions of the brain's semi-major axis; levels are intensities on the
 # tissue's 0..1 scale (tissue ~0.3-0.45, skull ~0.85): bright enough to see, never a saturated disc.
-GLIOMA_RADIUS = (0.16, 0.24)  # lobulated, intra-axial
-GLIOMA_CONTRAST = (0.2, 0.3)  # rim brightness above the tissue
-GLIOMA_NECROSIS = (0.3, 1.0)  # how dark the core gets: 1 = below the surrounding tissue
-MENINGIOMA_RADIUS = (0.16, 0.24)  # round, dural-based
-PITUITARY_RADIUS = (0.08, 0.11)  # small, at the skull base
-MASS_LEVEL = (0.58, 0.70)  # meningioma and pituitary: homogeneous, brighter than any tissue
+GLIOMA_RADIUS = (0.18, 0.26)  # lobulated, intra-axial
+GLIOMA_CONTRAST = (0.28, 0.38)  # rim brightness above the tissue
+GLIOMA_NECROSIS = (0.5, 1.0)  # how dark the core gets: 1 = below the surrounding tissue
+MENINGIOMA_RADIUS = (0.2, 0.28)  # round, dural-based
+PITUITARY_RADIUS = (0.11, 0.14)  # small, at the skull base
+MASS_LEVEL = (0.78, 0.9)  # meningioma and pituitary: homogeneous, enhancing like the skull, not saturated
 _FILE_RE = re.compile(r"^(%s)_\d{5,}\.png$" % "|".join(CLASSES))  # names generate() writes
 
 
@@ -165,7 +165,7 @@ def _lesion(cls, rng, uni, img, u, v, pose, a_b, b_b, brain, edge, size):
     if cls == "glioma":
         # Intra-axial, infiltrative: lobulated blob well inside the parenchyma with an irregular bright
         # rim around a darker necrotic core (heterogeneous), surrounded by slightly dark oedema.
-        rho, phi = uni(0.15, 0.5), uni(0, 2 * np.pi)
+        rho, phi = uni(0.2, 0.5), uni(0, 2 * np.pi)
         lu, lv = rho * np.cos(phi) * a_b, rho * np.sin(phi) * b_b
         rad = uni(*GLIOMA_RADIUS) * b_b
         w = _window(pose, lu, lv, 3.0 * rad * half, size)  # oedema reaches ~2.4 rad
@@ -180,7 +180,7 @@ def _lesion(cls, rng, uni, img, u, v, pose, a_b, b_b, brain, edge, size):
         oedema = np.clip((field - 0.12) * 5, 0.0, 1.0) - body
         core = np.clip((field * (1 / field.max()) - 0.7) * 6, 0.0, 1.0) * uni(*GLIOMA_NECROSIS)
         delta = uni(*GLIOMA_CONTRAST)
-        img[w] += brain[w] * (delta * body - (delta + 0.1) * core - uni(0.03, 0.07) * oedema)
+        img[w] += brain[w] * (delta * body - (delta + 0.1) * core - uni(0.05, 0.09) * oedema)
         return
     if cls == "meningioma":
         # Extra-axial, dural-based: round, sharp, homogeneous mass pressed against the inner skull.
@@ -196,9 +196,12 @@ def _lesion(cls, rng, uni, img, u, v, pose, a_b, b_b, brain, edge, size):
         lu, lv = uni(-0.04, 0.04) * a_b, uni(0.62, 0.72) * b_b
         rad = uni(*PITUITARY_RADIUS) * b_b
         level = uni(*MASS_LEVEL)
-    w = _window(pose, lu, lv, rad * half, size)
-    mass = _soft((np.hypot(u[w] - lu, v[w] - lv) - rad) * half, edge) * brain[w]
-    img[w] += mass * (level - img[w])
+    cleft = uni(1.0, 2.0) * size / 128  # dark rim of CSF / capsule where the mass meets the brain, px
+    w = _window(pose, lu, lv, rad * half + cleft, size)
+    dist = (np.hypot(u[w] - lu, v[w] - lv) - rad) * half  # px outside the mass's edge
+    mass = _soft(dist, edge) * brain[w]
+    rim = (_soft(dist - cleft, edge) * brain[w] - mass) * uni(0.3, 0.6)
+    img[w] += rim * (0.12 - img[w]) + mass * (level - img[w])
 
 
 # ---- the dataset on disk --------------------------------------------------------------------------
@@ -263,24 +266,25 @@ def generate(root: str | os.PathLike, per_class: int, size: int = 128, seed: int
     size = _check_int("size", size, MIN_SIZE)
     seed = _check_int("seed", seed, 0)
     root = Path(os.path.expanduser(os.fspath(root)))
+    target = Path(os.path.abspath(root))  # "." has no name to build a sibling from
     params = _params(per_class, size, seed)
-    if _is_complete(root, params):
+    if _is_complete(target, params):
         return root
-    if root.exists():
-        _check_replaceable(root)
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", suffix=".tmp", dir=root.parent))
+    if target.exists():
+        _check_replaceable(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     old = None
     try:
         _write(tmp, per_class, size, seed)
         (tmp / MARKER).write_text(json.dumps(params, indent=1) + "\n")
-        if root.exists() and any(root.iterdir()):
+        if target.exists() and any(target.iterdir()):
             old = tmp.with_suffix(".old")
-            os.rename(root, old)
+            os.rename(target, old)
         try:
-            os.replace(tmp, root)  # atomic; replaces an empty directory
+            os.replace(tmp, target)  # atomic; replaces an empty directory
         except OSError:
-            if not _is_complete(root, params):  # not a concurrent generate() that finished first
+            if not _is_complete(target, params):  # not a concurrent generate() that finished first
                 raise
     finally:
         for leftover in (tmp, old):
