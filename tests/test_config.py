@@ -8,6 +8,7 @@ import pytest
 from hydra.utils import instantiate
 from omegaconf import open_dict
 
+from medspark.backends import build as build_backend
 from medspark.config import ConfigError, check, config_dir
 from medspark.spark import master_url
 from medspark.train import list_dataset
@@ -53,7 +54,7 @@ def test_every_model_option_builds_and_predicts(tmp_path, name, channels):
 
 @pytest.mark.parametrize("name", GROUPS["backend"])
 def test_every_backend_option_instantiates(tmp_path, name):
-    backend = instantiate(make_cfg(tmp_path, [f"backend={name}"]).backend)
+    backend = build_backend(make_cfg(tmp_path, [f"backend={name}"]).backend)
     assert callable(backend.fit)
 
 

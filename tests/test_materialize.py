@@ -49,6 +49,9 @@ def test_real_brain_tumor_sample_with_png_in_jpg(spark, tmp_path):
     images, labels = read_arrays(m.split_url("train"))
     assert images.shape[1:] == (48, 48, 1) and images.dtype == np.uint8 and len(images) == m.sizes["train"]
     assert set(labels) == {0, 1, 2, 3} and images.std() > 10
+    # The listing is sorted by class; the file order must not be, or each Petastorm row group holds one class
+    # and training batches see one class at a time (sorted, the labels would change 3 times).
+    assert np.count_nonzero(np.diff(labels)) > len(labels) / 2, f"rows are written class-sorted: {labels}"
 
 
 @pytest.mark.real_data

@@ -133,6 +133,48 @@ def log_training(result) -> None:
     mlflow.log_metrics(result.metrics | {"epochs_run": len(result.epoch_seconds)})
 
 
+def baseline_key(data_fingerprint: str, model_cfg: dict, epochs: int) -> str:
+    """Runs with equal keys trained the same model on the same data for the same epochs: comparable speeds."""
+    import hashlib
+    import json
+
+    blob = json.dumps({"data": data_fingerprint, "model": model_cfg, "epochs": int(epochs)}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def log_speedup(result, backend: str, key: str, measured=None) -> dict:
+    """speedup_vs_single = this run's training images/s over the `single` baseline's, for the same key:
+    measured in this run (train.measure_baseline=true), else the newest finished `single` run with the key
+    in this experiment; parallel_efficiency = speedup / workers. Logs nothing when there is no baseline."""
+    import mlflow
+
+    mlflow.set_tag("medspark.baseline_key", key)
+    if backend == "single":
+        base, source = result.images_per_second, "self"
+    elif measured is not None:
+        base, source = measured.images_per_second, "measured in this run"
+        mlflow.log_metrics({"baseline_train_seconds": measured.train_seconds,
+                            "baseline_train_images_per_second": measured.images_per_second})
+    else:
+        run = mlflow.active_run()
+        found = mlflow.search_runs(
+            experiment_ids=[run.info.experiment_id], max_results=1, order_by=["attributes.start_time DESC"],
+            filter_string=f"tags.`medspark.baseline_key` = '{key}' and tags.`medspark.backend` = 'single' "
+                          "and attributes.status = 'FINISHED'", output_format="list")
+        if not found or "train_images_per_second" not in found[0].data.metrics:
+            log.info("no `single` run with the same data, model and epochs in this experiment: no speedup logged "
+                     "(run backend=single first, or pass train.measure_baseline=true)")
+            return {}
+        base, source = found[0].data.metrics["train_images_per_second"], found[0].info.run_id
+    if not base:
+        return {}
+    speedup = result.images_per_second / base
+    out = {"speedup_vs_single": speedup, "parallel_efficiency": speedup / max(1, result.workers)}
+    mlflow.log_metrics(out)
+    mlflow.set_tag("medspark.baseline", source)
+    return out
+
+
 def log_history(history: dict, epoch_seconds: list[float]) -> None:
     """Per-epoch curves, step = epoch index (0-based, as Keras counts)."""
     import mlflow

@@ -59,11 +59,18 @@ def train(cfg: DictConfig, overrides: list[str] | tuple = (), spark=None) -> flo
             timings.update(data_timings(data))
             tracking.log_data(data)
             result = _fit(cfg, spark, data)
+            baseline = None
+            if cfg.train.get("measure_baseline") and _backend_name(cfg) != "single":
+                log.info("train.measure_baseline=true: training the `single` baseline on the same data")
+                baseline = _fit(cfg, spark, data, backend_cfg=OmegaConf.create({"name": "single", "_target_":
+                                                                                "medspark.backends.single.Single"}))
         finally:
             if own_spark:
                 spark.stop()
         timings.update(train_seconds=result.train_seconds, train_images_per_second=result.images_per_second)
         tracking.log_training(result)
+        key = tracking.baseline_key(data.fingerprint, OmegaConf.to_container(cfg.model, resolve=True), cfg.train.epochs)
+        speed = tracking.log_speedup(result, _backend_name(cfg), key, baseline)
         with timings("evaluate_seconds"):
             metrics = _evaluate(result, data, Path(tmp))
         with timings("log_model_seconds"):
@@ -77,6 +84,9 @@ def train(cfg: DictConfig, overrides: list[str] | tuple = (), spark=None) -> flo
                    "objective": {cfg.train.objective: objective},
                    "test": {k: round(v, 4) for k, v in metrics.items() if k in
                             ("test_accuracy", "test_macro_f1", "test_roc_auc_ovr", "test_n")},
+                   "training": {"backend": _backend_name(cfg), "workers": result.workers,
+                                "images_per_second": round(result.images_per_second, 1),
+                                **{k: round(v, 3) for k, v in speed.items()}},
                    "seconds": {k: round(v, 1) for k, v in timings.items() if k.endswith("seconds")}}
         mlflow.log_dict(summary, "summary.json")
     _print_summary(summary, cfg.tracking.uri)
@@ -96,7 +106,7 @@ class Timings(dict):
 
 
 def _backend_name(cfg) -> str:
-    return cfg.backend.get("name") or cfg.backend._target_.rsplit(".", 1)[-1].lower()
+    return cfg.backend.name
 
 
 def _tags(cfg, overrides) -> dict:
@@ -130,13 +140,15 @@ def data_timings(data: mat.Materialized) -> dict[str, float]:
     return out
 
 
-def _fit(cfg, spark, data):
+def _fit(cfg, spark, data, backend_cfg=None):
+    from .backends import build
     from .backends.base import TrainJob
 
-    backend = instantiate(cfg.backend)
+    backend = build(backend_cfg or cfg.backend)
     return backend.fit(TrainJob(
         data=data, train=cfg.train, spark=spark, seed=int(cfg.seed),
-        build_model=lambda: instantiate(cfg.model, input_shape=data.shape, num_classes=len(data.classes))))
+        build_model=lambda **overrides: instantiate(cfg.model, input_shape=data.shape, num_classes=len(data.classes),
+                                                    **overrides)))
 
 
 def _evaluate(result, data, tmp: Path) -> dict[str, float]:

@@ -12,6 +12,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
+from ..config import ConfigError
+from ..data import loader
 from ..data.loader import Augment
 from ..data.materialize import Materialized
 
@@ -21,7 +23,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class TrainJob:
     data: Materialized
-    build_model: Callable[[], Any]  # -> an uncompiled keras.Model (the `model` config group)
+    build_model: Callable[..., Any]  # (**model overrides, e.g. name=, dropout=) -> an uncompiled keras.Model
     train: Any  # the `train` config group (DictConfig or dict)
     spark: Any = None  # the SparkSession, for backends that train on executors
     seed: int = 0
@@ -29,6 +31,16 @@ class TrainJob:
     @property
     def augment(self) -> Augment:
         return Augment(**dict(self.train.get("augment") or {}))
+
+    def dataset(self, split: str, training: bool, batch_size: int, shard: int | None = None,
+                num_shards: int | None = None, seed: int | None = None, pool: str = "dummy", workers: int = 4):
+        """The tf.data pipeline of one split (or of one worker's shard of its row groups), from config."""
+        d = self.data
+        return loader.dataset(d.split_url(split), d.shape, batch_size, training=training,
+                              seed=self.seed if seed is None else seed, augment=self.augment,
+                              shuffle_buffer=int(self.train.get("shuffle_buffer", 1024)), shard=shard,
+                              num_shards=num_shards, pool=pool, workers=workers,
+                              rows=None if num_shards else d.sizes[split])
 
     def class_weight(self) -> dict[int, float] | None:
         """'balanced' weights classes by inverse frequency (chest X-ray is 1:2.9); null leaves them equal."""
@@ -122,5 +134,60 @@ def callbacks(train, steps_per_epoch: int) -> list:
     return out
 
 
+def recalibrate_batchnorm(model, dataset, batches: int = 50) -> int:
+    """Re-estimate BatchNorm moving statistics with forward passes in training mode (weights untouched).
+    For asynchronous training, where summed updates from workers that started from the same weights
+    overshoot the moving statistics (the moving variance can even go negative). Returns batches used."""
+    import keras
+
+    if not any(isinstance(layer, keras.layers.BatchNormalization) and layer.trainable
+               for layer in model._flatten_layers()):
+        return 0
+    used = 0
+    for x, _ in dataset.take(batches):
+        model(x, training=True)  # Keras 3 BatchNormalization assigns its moving stats in call()
+        used += 1
+    return used
+
+
 def history_dict(history) -> dict[str, list[float]]:
     return {k: [float(v) for v in vals] for k, vals in history.history.items()}
+
+
+def combine_histories(histories: list[dict[str, list[float]]]) -> dict[str, list[float]]:
+    """Per-worker Keras histories -> one: the mean of every metric at every epoch all workers reached."""
+    histories = [h for h in histories if h]
+    if not histories:
+        return {}
+    keys = set.intersection(*(set(h) for h in histories))
+    out = {}
+    for k in sorted(keys):
+        n = min(len(h[k]) for h in histories)
+        out[k] = [float(sum(h[k][i] for h in histories) / len(histories)) for i in range(n)]
+    return out
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on `host` right now (the OS picks it)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def task_slots(spark) -> int:
+    """How many Spark tasks can run at once: local[N] -> N; a cluster -> its executors' cores (as registered)."""
+    return int(spark.sparkContext.defaultParallelism)
+
+
+def require_slots(spark, wanted: int, key: str, backend: str) -> None:
+    """Fail early, in one line, when a backend needs more simultaneous tasks than the cluster can run."""
+    slots = task_slots(spark)
+    if wanted > slots:
+        raise BackendError(f"backend={backend} asks for {key}={wanted} workers but the cluster has only {slots} task "
+                           f"slots (cores); lower {key} or add cores/executors (cluster.cores, cluster.executor_*)")
+
+
+class BackendError(ConfigError):
+    """A backend setting that cannot work on this cluster or machine; the message says which key to change."""

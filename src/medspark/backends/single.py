@@ -5,7 +5,6 @@ import logging
 import math
 import time
 
-from ..data import loader
 from .base import EpochTimer, TrainJob, TrainResult, callbacks, compile_model, history_dict
 
 log = logging.getLogger(__name__)
@@ -37,10 +36,8 @@ class Single:
         keras.utils.set_random_seed(job.seed)
         t, d = job.train, job.data
         bs = int(t.batch_size)
-        ds = lambda split, training: loader.dataset(  # noqa: E731
-            d.split_url(split), d.shape, bs, training=training, seed=job.seed, augment=job.augment,
-            shuffle_buffer=int(t.get("shuffle_buffer", 1024)), pool=self.reader_pool, workers=self.reader_workers,
-            rows=d.sizes[split])
+        ds = lambda split, training: job.dataset(split, training, bs, pool=self.reader_pool,  # noqa: E731
+                                                 workers=self.reader_workers)
         model = job.build_model()
         compile_model(model, t)
         timer = EpochTimer()

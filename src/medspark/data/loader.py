@@ -51,6 +51,23 @@ def read_arrays(url: str, limit: int | None = None) -> tuple[np.ndarray, np.ndar
     return np.stack(images), np.asarray(labels, np.int32)
 
 
+def spark_rows(spark, url: str, shape: tuple[int, int, int], partitions: int | None = None):
+    """A split as an RDD of (float32 image HWC, int label), decoded on the executors that read the Parquet
+    files: for backends that train on Spark partitions (Elephas). Pixels never pass through the driver.
+    partitions: spread the rows evenly over this many partitions (one per worker)."""
+    from .schema import image_schema
+
+    codec = image_schema(shape).image.codec
+    field = image_schema(shape).image
+
+    def decode(rows):
+        for r in rows:
+            yield codec.decode(field, r.image).astype(np.float32), int(r.label)
+
+    rdd = spark.read.parquet(url).select("image", "label").rdd.mapPartitions(decode)
+    return rdd.repartition(partitions) if partitions else rdd
+
+
 def augment_layer(aug: Augment, seed: int):
     """Keras preprocessing layers applied to training batches only (never to val/test)."""
     import keras

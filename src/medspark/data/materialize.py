@@ -18,13 +18,16 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
+
 from . import splits as splitting
 from .preprocess import PreprocessConfig, Rejected, content_hash, decode, read_bytes
 from .schema import image_schema
 from .sources import Listing
 
 log = logging.getLogger(__name__)
-FORMAT_VERSION = 1  # bump when the on-disk layout or schema changes: old folders then stop matching
+FORMAT_VERSION = 2  # bump when the on-disk layout or schema changes: old folders then stop matching
+# v2: rows are written in a seeded random order (v1 kept the listing order: class-sorted row groups).
 MANIFEST = "_MEDSPARK_DATASET.json"
 REJECTED = "rejected.csv"
 
@@ -180,6 +183,10 @@ def materialize(spark, listing: Listing, pre: PreprocessConfig, split_cfg: dict,
     report = splitting.assign(ok, listing.classes, split_cfg["val"], split_cfg["test"], split_cfg["seed"],
                               listing.has_test_split)
     todo = [(p, label, report.assignment[p], sha) for p, label, sha, _ in ok]
+    # Listings come sorted by class, and Petastorm shuffles whole row groups plus a bounded buffer: written in
+    # listing order, a row group (~500 images) holds one class and batches see one or two classes at a time,
+    # which wrecks BatchNorm statistics and SGD. A seeded permutation makes every row group a class mix.
+    todo = [todo[i] for i in np.random.default_rng(split_cfg["seed"]).permutation(len(todo))]
 
     schema = image_schema(pre.shape)
     t = time.perf_counter()

@@ -58,7 +58,7 @@ def _class_dirs(root: Path, classes, key: str) -> list[str]:
 def _check_root(root, key: str = "dataset.root") -> Path:
     if root is None or str(root) in ("", "???"):
         raise DatasetError(f"{key} is not set: pass {key}=/path/to/images")
-    p = Path(os.path.expanduser(str(root)))
+    p = Path(os.path.expanduser(str(root))).absolute()  # executors may not share the driver's working directory
     if not p.is_dir():
         raise DatasetError(f"{key}={root} does not exist or is not a directory; set {key} to the dataset folder")
     return p

@@ -31,10 +31,10 @@ PNG_COMPRESS_LEVEL = 1  # zlib level: ~3x faster than the default 6, files ~10% 
 TISSUE_LEVEL = (0.30, 0.38)  # gray matter; white matter is 0.05-0.08 brighter
 SKULL_LEVEL = (0.85, 1.0)  # the brightest structure, so no lesion can pass for skull
 SKULL_PX = (2.5, 4.0)  # skull ring thickness at 128 px (scaled with size)
-TEXTURE = (0.035, 0.015)  # amplitude of low- and mid-frequency tissue texture
-GAIN = (0.9, 1.1)  # scanner gain
-GAMMA = (0.9, 1.1)  # display windowing
-NOISE_SD = (0.015, 0.04)  # Rician noise sigma
+TEXTURE = (0.03, 0.012)  # amplitude of low- and mid-frequency tissue texture
+GAIN = (0.95, 1.05)  # scanner gain left after windowing (exported MRIs are scaled to their full range)
+GAMMA = (0.92, 1.08)  # display windowing
+NOISE_SD = (0.01, 0.03)  # Rician noise sigma
 
 # Lesion appearance. Sizes are fractions of the brain's semi-major axis; levels are intensities on the
 # tissue's 0..1 scale (tissue ~0.3-0.45, skull ~0.85): bright enough to see, never a saturated disc.

@@ -1,0 +1,74 @@
+"""`mirrored`: tf.distribute.MirroredStrategy, synchronous data parallelism inside one process.
+
+One replica per local GPU (all-reduce every step). Without GPUs the CPU is split into `cpu_replicas`
+logical devices so the same code path runs on CPU-only machines: a test of the strategy, not a speed-up,
+since the replicas share the same cores. The global batch is per-replica batch x replicas; Keras splits
+each global batch across the replicas.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+
+from .base import BackendError, EpochTimer, TrainJob, TrainResult, callbacks, compile_model, history_dict
+
+log = logging.getLogger(__name__)
+
+
+def devices(gpus: int | None, cpu_replicas: int) -> list[str]:
+    """The devices to mirror over: the first `gpus` GPUs (null = all), else `cpu_replicas` logical CPUs."""
+    import tensorflow as tf
+
+    found = tf.config.list_physical_devices("GPU")
+    if gpus is not None and int(gpus) > len(found):
+        raise BackendError(f"backend.gpus={gpus} but {len(found)} GPU(s) are visible; set backend.gpus<={len(found)} "
+                           "or null (all GPUs, or logical CPU replicas when there are none)")
+    if found and gpus != 0:
+        return [f"/gpu:{i}" for i in range(len(found) if gpus is None else int(gpus))]
+    n = int(cpu_replicas)
+    if n < 1:
+        raise BackendError(f"backend.cpu_replicas={cpu_replicas} must be >= 1")
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    try:
+        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * n)
+    except RuntimeError:  # TensorFlow already started in this process: use what it has
+        pass
+    have = [d.name for d in tf.config.list_logical_devices("CPU")]
+    if len(have) < n:
+        raise BackendError(f"backend.cpu_replicas={n} but TensorFlow already started in this process with "
+                           f"{len(have)} CPU device(s); run the job in a fresh process (python -m medspark.train)")
+    return have[:n]
+
+
+class Mirrored:
+    name = "mirrored"
+
+    def __init__(self, gpus: int | None = None, cpu_replicas: int = 2, per_replica_batch: int | None = None):
+        self.gpus, self.cpu_replicas, self.per_replica_batch = gpus, cpu_replicas, per_replica_batch
+
+    def fit(self, job: TrainJob) -> TrainResult:
+        import keras
+        import tensorflow as tf
+
+        keras.utils.set_random_seed(job.seed)
+        strategy = tf.distribute.MirroredStrategy(devices(self.gpus, self.cpu_replicas))
+        replicas = strategy.num_replicas_in_sync
+        t, d = job.train, job.data
+        bs = int(self.per_replica_batch or t.batch_size) * replicas
+        log.info("mirrored: %d replicas on %s, global batch %d", replicas, strategy.extended.worker_devices, bs)
+        with strategy.scope():
+            model = job.build_model()
+            compile_model(model, t)
+        timer = EpochTimer()
+        start = time.perf_counter()
+        hist = model.fit(job.dataset("train", True, bs),
+                         validation_data=job.dataset("val", False, bs) if d.sizes["val"] else None,
+                         epochs=int(t.epochs), callbacks=[timer, *callbacks(t, math.ceil(d.sizes["train"] / bs))],
+                         class_weight=job.class_weight(), shuffle=False, verbose=t.get("verbose", 2))
+        seconds = time.perf_counter() - start
+        plain = job.build_model()  # the same weights outside the strategy: predicts, saves and loads like any model
+        plain.set_weights(model.get_weights())
+        return TrainResult(plain, history_dict(hist), timer.seconds, seconds, d.sizes["train"] * len(timer.seconds),
+                           workers=replicas, global_batch_size=bs,
+                           params={"devices": ",".join(strategy.extended.worker_devices)})
