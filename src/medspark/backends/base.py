@@ -186,7 +186,8 @@ def require_slots(spark, wanted: int, key: str, backend: str) -> None:
     slots = task_slots(spark)
     if wanted > slots:
         raise BackendError(f"backend={backend} asks for {key}={wanted} workers but the cluster has only {slots} task "
-                           f"slots (cores); lower {key} or add cores/executors (cluster.cores, cluster.executor_*)")
+                           f"slots (cores); lower {key} or give the cluster more cores (cluster.cores in local mode, "
+                          "spark.executor.instances/spark.executor.cores/spark.cores.max under cluster.conf)")
 
 
 class BackendError(ConfigError):

@@ -1,0 +1,436 @@
+"""`spark_barrier`: synchronous data parallelism across Spark executors, in barrier mode.
+
+Our own small version of what spark-tensorflow-distributor does. One barrier stage runs one Spark task per
+worker, all at once. Each task picks a free port on its executor's host, the tasks exchange `host:port` with
+`allGather`, and each starts a TensorFlow worker (`MultiWorkerMirroredStrategy`, CPU ring all-reduce) on ITS
+OWN shard of the Petastorm train split's row groups, read on the executor: pixels never reach the driver.
+Gradients are all-reduced every step, so the workers hold identical weights; metrics are all-reduced too, so
+early stopping and the learning-rate schedule decide the same on every worker and all stop together. Only
+the chief (worker 0) sends its weights, history and epoch times back; the driver rebuilds the model from them.
+
+Step counts. MWMS needs every worker to run the same number of steps or the all-reduce waits forever, and
+row-group shards differ in size. So each worker's shard is `.repeat()`ed and every worker runs
+`train rows // (batch x workers)` steps per epoch (per-worker batch = train.batch_size; a pass over a shard
+may end in a partial batch). Validation is sharded the same way, ceil(val rows / global batch) steps from the
+start of each worker's shard every epoch (about the whole split: unequal shards repeat or skip a few rows),
+or, when the val split has fewer row groups than workers, every worker validates on the whole split.
+BatchNorm moving statistics are not synchronized (Keras' default): each worker's follow its own stream of
+shuffled, class-mixed rows, and the chief's are the ones shipped.
+
+Why each worker trains in a child process of its Spark task. A TensorFlow process configures its collective
+runtime (the gRPC server and cluster MWMS starts) once; Spark reuses Python workers
+(spark.python.worker.reuse=true), so a second barrier run landing in a worker that ran a first one cannot
+join its new cluster (new ports, new peers): measured here, on local[2] the second in-process run hangs
+without an error. A fresh `python -m medspark.backends.spark_barrier` per task, with
+this very interpreter, sidesteps that, and also lets the thread limits apply (only possible before TensorFlow
+starts), returns all of TensorFlow's memory when training ends, and lets a timeout kill a hung worker without
+killing Spark's. The child dies with its task (PR_SET_PDEATHSIG) when Spark kills a failed barrier stage,
+and no child stops its TensorFlow server before every worker has finished (a final `ctx.barrier()`).
+
+Keras 3's `fit` does not work under a multi-worker MWMS as released (two bugs, tensorflow/tensorflow#72388);
+`keras_multi_worker_fixes` patches them inside the worker's child process only.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import pickle
+import sys
+import time
+from dataclasses import dataclass
+
+from .base import BackendError, EpochTimer, TrainJob, TrainResult, callbacks, compile_model, free_port, \
+    history_dict, require_slots, task_slots
+
+log = logging.getLogger(__name__)
+NAME = "spark_barrier"
+MODULE = "medspark.backends.spark_barrier"  # run as `python -m` in each task
+ERROR_MARK = "medspark spark_barrier worker"  # starts every executor-side error, found again in Spark's text
+
+
+class BarrierTrainingError(RuntimeError):
+    """A worker failed or timed out on the executors (the message carries its last log lines)."""
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """What every barrier task needs besides the job (everything the driver decided)."""
+    workers: int
+    steps_per_epoch: int
+    validation_steps: int  # 0 = no validation
+    validation_sharded: bool
+    bind_host: str | None  # None = the executor's own address
+    local_mode: bool
+    intra_op_threads: int | None
+    inter_op_threads: int | None
+    reader_pool: str
+    reader_workers: int
+    timeout_s: float
+
+
+class SparkBarrier:
+    name = NAME
+
+    def __init__(self, workers: int | None = None, bind_host: str | None = None, validation: str = "auto",
+                 intra_op_threads: int | None = None, inter_op_threads: int | None = None,
+                 reader_pool: str = "dummy", reader_workers: int = 4, timeout_s: float = 21600, name: str = NAME):
+        if validation not in ("auto", "sharded", "full"):
+            raise BackendError(f"backend.validation={validation!r} must be one of auto, sharded, full")
+        if workers is not None and int(workers) < 1:
+            raise BackendError(f"backend.workers={workers} must be >= 1 (or null = every task slot)")
+        self.name = name  # the config's `name` key (passed along by instantiate); only ever spark_barrier
+        self.workers, self.bind_host, self.validation = workers, bind_host, validation
+        self.intra, self.inter = intra_op_threads, inter_op_threads
+        self.reader_pool, self.reader_workers, self.timeout_s = reader_pool, int(reader_workers), float(timeout_s)
+
+    # ------------------------------------------------------------ driver
+
+    def plan(self, job: TrainJob) -> WorkerSpec:
+        """Every check that can fail before a task starts, and the step counts all workers share."""
+        if job.spark is None:
+            raise BackendError(f"backend={NAME} trains on Spark executors and needs the SparkSession (TrainJob.spark)")
+        sc = job.spark.sparkContext
+        n = int(self.workers or task_slots(job.spark))
+        require_slots(job.spark, n, "backend.workers", NAME)
+        d, t = job.data, job.train
+        groups = row_groups(d.split_url("train"))
+        if groups is not None and groups < n:
+            raise BackendError(
+                f"backend={NAME} asks for backend.workers={n} but the train split has only {groups} Parquet row "
+                f"group(s) and Petastorm shards by row group; lower backend.workers or write smaller row groups: "
+                f"materialize.row_group_size_mb=<smaller> materialize.rebuild=true")
+        bs = int(t.batch_size)
+        global_bs = bs * n
+        steps = d.sizes["train"] // global_bs
+        if steps < 1:
+            raise BackendError(f"backend={NAME}: {d.sizes['train']} training rows make no full global batch of "
+                               f"train.batch_size={bs} x backend.workers={n}; lower one of them")
+        val_rows = int(d.sizes.get("val", 0))
+        sharded = False
+        if val_rows:
+            val_groups = row_groups(d.split_url("val")) if self.validation != "full" else None
+            sharded = self.validation == "sharded" or (self.validation == "auto" and val_groups is not None
+                                                        and val_groups >= n)
+            if sharded and val_groups is not None and val_groups < n:
+                raise BackendError(f"backend.validation=sharded but the val split has {val_groups} row group(s) for "
+                                   f"{n} workers; use backend.validation=auto or full")
+        val_steps = (math.ceil(val_rows / global_bs) if sharded else math.ceil(val_rows / bs)) if val_rows else 0
+        return WorkerSpec(n, steps, val_steps, sharded, self.bind_host, sc.master.startswith("local"),
+                          self.intra, self.inter, self.reader_pool, self.reader_workers, self.timeout_s)
+
+    def fit(self, job: TrainJob) -> TrainResult:
+        from pyspark import cloudpickle
+
+        spec = self.plan(job)
+        n, t = spec.workers, job.train
+        bs = int(t.batch_size)
+        blob = cloudpickle.dumps((portable(job), spec))
+        sc = job.spark.sparkContext
+        log.info("%s: %d workers x batch %d, %d steps/epoch, validation %s (%d steps)", NAME, n, bs,
+                 spec.steps_per_epoch, "sharded" if spec.validation_sharded else "full", spec.validation_steps)
+        sc.setJobDescription(f"medspark: {NAME} training, {n} workers")
+        start = time.perf_counter()
+        try:
+            out = (sc.parallelize(range(n), n).barrier()
+                   .mapPartitions(lambda it: barrier_task(it, blob, spec)).collect())
+        except Exception as e:
+            raise BarrierTrainingError(explain(e)) from e
+        finally:
+            sc.setJobDescription(None)
+        stage_seconds = time.perf_counter() - start
+        if len(out) != 1:
+            raise BarrierTrainingError(f"backend={NAME}: expected the chief's result, got {len(out)} results")
+        chief = pickle.loads(out[0])
+
+        model = job.build_model()
+        compile_model(model, t)
+        model.set_weights(chief["weights"])
+        epochs_run = len(chief["epoch_seconds"])
+        return TrainResult(
+            model, chief["history"], chief["epoch_seconds"], chief["fit_seconds"],
+            images_seen=spec.steps_per_epoch * bs * n * epochs_run, workers=n, global_batch_size=bs * n,
+            params={"bind_host": spec.bind_host or ("127.0.0.1" if spec.local_mode else "executor address"),
+                    "worker_addresses": ",".join(chief["addresses"]), "per_worker_batch_size": bs,
+                    "steps_per_epoch": spec.steps_per_epoch, "validation_steps": spec.validation_steps,
+                    "validation": "sharded" if spec.validation_sharded else "full",
+                    "intra_op_threads": chief["threads"][0], "inter_op_threads": chief["threads"][1],
+                    "isolation": "subprocess per task"},
+            metrics={"barrier_stage_seconds": stage_seconds,
+                     "barrier_startup_seconds": max(0.0, stage_seconds - chief["fit_seconds"])})
+
+
+def portable(job: TrainJob) -> TrainJob:
+    """The job as executors get it: no SparkSession, and the `train` config resolved to a plain DictConfig."""
+    from omegaconf import DictConfig, OmegaConf
+
+    t = job.train
+    t = OmegaConf.create(OmegaConf.to_container(t, resolve=True) if isinstance(t, DictConfig) else dict(t))
+    return dataclasses.replace(job, spark=None, train=t)
+
+
+def row_groups(url: str) -> int | None:
+    """Parquet row groups under a split's URL, counted with pyarrow on the driver; None when pyarrow cannot
+    read that filesystem (the check is then skipped: Petastorm will say it itself)."""
+    import pyarrow.parquet as pq
+    from pyarrow import fs as pafs
+
+    try:
+        filesystem, path = pafs.FileSystem.from_uri(url)
+        total = 0
+        for info in filesystem.get_file_info(pafs.FileSelector(path, recursive=True)):
+            if info.type != pafs.FileType.File or info.base_name.startswith(("_", ".")):
+                continue  # _SUCCESS, _common_metadata, .crc files
+            with filesystem.open_input_file(info.path) as f:
+                total += pq.ParquetFile(f).metadata.num_row_groups
+        return total
+    except Exception as e:  # e.g. s3a:// (Hadoop only) or no libhdfs
+        log.warning("%s: could not count the row groups of %s (%s); not checked", NAME, url, e)
+        return None
+
+
+def explain(e: Exception) -> str:
+    """One readable message from Spark's long Java/Python error text: our worker's own message if present."""
+    text = str(e)
+    i = text.find(ERROR_MARK)
+    if i >= 0:
+        msg = text[i:]
+        end = msg.find("\n\tat ")  # the Java stack that follows the Python traceback
+        return f"backend={NAME} failed on the executors: {msg[:end if end > 0 else 4000][:4000].rstrip()}"
+    first = text.strip().splitlines()[0] if text.strip() else type(e).__name__
+    return f"backend={NAME} failed on the executors: {first[:1000]} (see the executor logs)"
+
+
+# ------------------------------------------------------------ executor: the barrier task
+
+def failure(lines: list[str]) -> str:
+    """A dead worker's last output as an error: its last line (the exception) first, then its traceback (or
+    the whole tail when there is none), without TensorFlow's start-up noise above it."""
+    import re
+
+    errors = [line for line in lines if re.match(r"^[\w.]*(Error|Exception|Interrupt|Exit)\b", line)]
+    last = errors[-1] if errors else next((line for line in reversed(lines) if line.strip()), "no output")
+    start = max((i for i, line in enumerate(lines) if line.startswith("Traceback (most recent call last)")),
+                default=0)
+    return f"{last}\n" + "\n".join(lines[start:])
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: be killed when the task's Python worker dies (Spark kills failed stages)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except Exception:
+            pass
+
+
+def barrier_task(_, blob: bytes, spec: WorkerSpec):
+    """One barrier task: rendezvous, then run one TensorFlow worker in a child process and wait for it."""
+    import collections
+    import json
+    import shutil
+    import subprocess
+    import tempfile
+    import threading
+
+    from pyspark import BarrierTaskContext
+
+    ctx = BarrierTaskContext.get()
+    index = ctx.partitionId()
+    if spec.bind_host:
+        host = spec.bind_host
+    elif spec.local_mode:
+        host = "127.0.0.1"
+    else:
+        host = ctx.getTaskInfos()[index].address.rsplit(":", 1)[0]
+    port = free_port(host)
+    addresses = list(ctx.allGather(f"{host}:{port}"))
+    try:
+        cpus = int(ctx.cpus())
+    except Exception:
+        cpus = 1
+    intra = int(spec.intra_op_threads or cpus)
+    inter = int(spec.inter_op_threads or max(2, cpus))
+    who = f"{ERROR_MARK} {index} of {spec.workers} ({addresses[index]})"
+
+    tmp = tempfile.mkdtemp(prefix=f"medspark-barrier-{index}-")
+    result = os.path.join(tmp, "result.pkl")
+    with open(os.path.join(tmp, "job.pkl"), "wb") as f:
+        f.write(blob)
+    env = dict(os.environ, PYTHONUNBUFFERED="1", TF_NUM_INTRAOP_THREADS=str(intra),
+               TF_NUM_INTEROP_THREADS=str(inter), MEDSPARK_BARRIER_THREADS=f"{intra},{inter}",
+               TF_CONFIG=json.dumps({"cluster": {"worker": addresses}, "task": {"type": "worker", "index": index}}))
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    hosts = ",".join(sorted({a.rsplit(":", 1)[0] for a in addresses}))
+    env["no_grpc_proxy"] = ",".join(filter(None, [env.get("no_grpc_proxy"), hosts]))  # peers are never proxied
+
+    tail: collections.deque[str] = collections.deque(maxlen=60)
+    proc = subprocess.Popen([sys.executable, "-m", MODULE, tmp], env=env, cwd=tmp, stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+                            preexec_fn=_die_with_parent)
+
+    def pump():
+        for line in proc.stdout:
+            tail.append(line.rstrip())
+            sys.stderr.write(f"[{NAME} worker {index}] {line}")
+            sys.stderr.flush()
+
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + spec.timeout_s
+        while proc.poll() is None and not os.path.exists(result):
+            if time.monotonic() > deadline:
+                proc.kill()
+                reader.join(5)
+                raise RuntimeError(f"{who}: still training after backend.timeout_s={spec.timeout_s:g} s, killed; "
+                                   f"its last output: {failure(list(tail))}")
+            time.sleep(0.2)
+        if not os.path.exists(result):
+            reader.join(5)
+            raise RuntimeError(f"{who}: the training process exited with code {proc.returncode} before "
+                               f"finishing: {failure(list(tail))}")
+        # Every worker has finished fit(): only now may the TensorFlow servers (the children) go away.
+        ctx.barrier()
+        proc.stdin.close()
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        if index == 0:
+            with open(result, "rb") as f:
+                yield f.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ------------------------------------------------------------ the child: one TensorFlow worker
+
+def keras_multi_worker_fixes(model, strategy, shape: tuple, weighted: bool) -> None:
+    """Make Keras 3 `fit`/`evaluate` work under a multi-worker MultiWorkerMirroredStrategy (measured with Keras
+    3.15 + TF 2.19; tensorflow/tensorflow#72388). Applied in the worker's own child process only.
+
+    1. `_maybe_symbolic_build` takes a batch off the iterator and calls strategy.reduce("MEAN") on the whole
+       (x, y) tuple: "Attempt to convert a value (PerReplica...)". (It would also all-reduce a data batch
+       across workers.) Here it builds the metrics from the input's shape instead, consuming nothing.
+    2. `reduce_per_replica` reduces the scalar step logs (loss, accuracy) with axis=0: "Invalid reduction
+       dimension 0 for input with 0 dimensions". Scalars are averaged across workers with axis=None instead.
+    Epoch-end logs come from the metrics' SyncOnRead variables, all-reduced on read: every worker sees the
+    same numbers, so callbacks decide the same everywhere."""
+    import tensorflow as tf
+
+    try:
+        from keras.src import tree
+        from keras.src.backend.tensorflow import trainer as tf_trainer
+    except ImportError:  # another Keras layout: leave it as it is
+        return
+    example = [tf.TensorSpec((None, *shape), tf.float32), tf.TensorSpec((None,), tf.int32)]
+    if weighted:
+        example.append(tf.TensorSpec((None,), tf.float32))
+
+    def symbolic_build(iterator=None, data_batch=None):
+        with strategy.scope():
+            model._symbolic_build(data_batch=tuple(example))
+
+    if hasattr(model, "_maybe_symbolic_build") and hasattr(model, "_symbolic_build"):
+        model._maybe_symbolic_build = symbolic_build
+    original = getattr(tf_trainer, "reduce_per_replica", None)
+    multi_worker = getattr(tf_trainer, "_collective_all_reduce_multi_worker", None)
+    if original is None or multi_worker is None or getattr(original, "medspark_fixed", False):
+        return
+
+    def reduce_per_replica(values, strategy, reduction):
+        if reduction in ("auto", "mean") and multi_worker(strategy):
+            return tree.map_structure(
+                lambda v: v if v is None else strategy.reduce("MEAN", v, axis=None if v.shape.rank == 0 else 0),
+                values)
+        return original(values, strategy, reduction)
+
+    reduce_per_replica.medspark_fixed = True
+    tf_trainer.reduce_per_replica = reduce_per_replica
+
+
+def worker_main(tmp: str) -> None:
+    """Train as one MultiWorkerMirroredStrategy worker (TF_CONFIG from the task), write the result, then wait
+    for the task to close stdin (all workers done) and exit without TensorFlow's slow teardown."""
+    import json
+
+    with open(os.path.join(tmp, "job.pkl"), "rb") as f:
+        job, spec = pickle.load(f)
+    index = int(json.loads(os.environ["TF_CONFIG"])["task"]["index"])
+    addresses = json.loads(os.environ["TF_CONFIG"])["cluster"]["worker"]
+    intra, inter = (int(x) for x in os.environ["MEDSPARK_BARRIER_THREADS"].split(","))
+
+    import tensorflow as tf
+
+    tf.config.threading.set_intra_op_parallelism_threads(intra)  # before anything starts TensorFlow's runtime
+    tf.config.threading.set_inter_op_parallelism_threads(inter)
+    strategy = tf.distribute.MultiWorkerMirroredStrategy(
+        communication_options=tf.distribute.experimental.CommunicationOptions(
+            implementation=tf.distribute.experimental.CommunicationImplementation.RING))
+    import keras
+
+    keras.utils.set_random_seed(job.seed)
+    t, n = job.train, spec.workers
+    bs = int(t.batch_size)
+    cw = job.class_weight()
+    weights = tf.constant([cw.get(i, 1.0) for i in range(len(job.data.classes))], tf.float32) if cw else None
+
+    def prepared(ds):
+        options = tf.data.Options()
+        options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF  # ours
+        options.threading.private_threadpool_size = max(1, intra)
+        return ds.with_options(options)
+
+    def train_fn(_ctx):  # called once, on this worker: its own row groups, repeated (see the module doc)
+        ds = job.dataset("train", True, bs, shard=index, num_shards=n, seed=job.seed + index,
+                         pool=spec.reader_pool, workers=spec.reader_workers).repeat()
+        if weights is not None:  # Keras cannot add class weights to a distributed dataset itself
+            ds = ds.map(lambda x, y: (x, y, tf.gather(weights, y)))
+        return prepared(ds)
+
+    def val_fn(_ctx):
+        if spec.validation_sharded:
+            ds = job.dataset("val", False, bs, shard=index, num_shards=n, pool=spec.reader_pool,
+                             workers=spec.reader_workers).repeat()
+        else:  # the whole split on every worker: identical step counts by construction
+            ds = job.dataset("val", False, bs, pool=spec.reader_pool, workers=spec.reader_workers)
+        return prepared(ds)
+
+    train_ds = strategy.distribute_datasets_from_function(train_fn)
+    val_ds = strategy.distribute_datasets_from_function(val_fn) if spec.validation_steps else None
+    with strategy.scope():
+        model = job.build_model()
+        compile_model(model, t)
+    keras_multi_worker_fixes(model, strategy, tuple(job.data.shape), weighted=weights is not None)
+    timer = EpochTimer()
+    start = time.perf_counter()
+    hist = model.fit(train_ds, steps_per_epoch=spec.steps_per_epoch, validation_data=val_ds,
+                     validation_steps=spec.validation_steps or None, epochs=int(t.epochs),
+                     callbacks=[timer, *callbacks(t, spec.steps_per_epoch)], shuffle=False,  # the loader shuffles
+                     verbose=t.get("verbose", 2) if index == 0 else 0)
+    fit_seconds = time.perf_counter() - start
+    out = {"done": True}
+    if index == 0:
+        out.update(weights=model.get_weights(), history=history_dict(hist), epoch_seconds=timer.seconds,
+                   fit_seconds=fit_seconds, addresses=addresses, threads=(intra, inter))
+    part = os.path.join(tmp, "result.pkl.part")
+    with open(part, "wb") as f:
+        pickle.dump(out, f, protocol=pickle.HIGHEST_PROTOCOL)
+    os.replace(part, os.path.join(tmp, "result.pkl"))  # atomic: the task never reads half a file
+    sys.stdout.flush()
+    sys.stderr.flush()
+    sys.stdin.read()  # EOF when the task closes it: every worker has finished
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    worker_main(sys.argv[1])
