@@ -22,7 +22,7 @@ class Single:
         import tensorflow as tf
 
         try:  # only possible before TensorFlow's runtime starts; later calls keep what is set
-            if self.intra:
+            if self.intra not in (None, "*"):
                 tf.config.threading.set_intra_op_parallelism_threads(int(self.intra))
             if self.inter:
                 tf.config.threading.set_inter_op_parallelism_threads(int(self.inter))
