@@ -7,10 +7,13 @@ Each backend runs as its own `python -m medspark.train` process (a fresh TensorF
 `single` first: the others' speedup_vs_single is against it (same data fingerprint, model and epochs).
 The table (markdown) and the plot are written to --out and logged, with the per-backend figures, to a
 summary run in the MLflow experiment `medspark-bench-backends`. Arguments after `--` go to every run.
+Launched by `mlflow run . -e benchmark` (MLFLOW_RUN_ID set), that run is the summary run and the backends'
+runs are its children, in its experiment.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import time
@@ -21,7 +24,7 @@ BACKENDS = ["single", "mirrored", "elephas_sync", "elephas_async", "elephas_hogw
 EXPERIMENT = "medspark-bench-backends"
 
 
-def run_all(args, extra: list[str]) -> list[str]:
+def run_all(args, extra: list[str], env: dict | None = None) -> list[str]:
     failed = []
     for backend in args.backends:
         cmd = [sys.executable, "-m", "medspark.train", f"backend={backend}", f"train.epochs={args.epochs}",
@@ -29,7 +32,7 @@ def run_all(args, extra: list[str]) -> list[str]:
                f"tracking.run_name=bench-{backend}", *extra]
         print(f"\n### {backend}: {' '.join(cmd[3:])}", flush=True)
         t = time.perf_counter()
-        if subprocess.run(cmd, cwd=ROOT).returncode:
+        if subprocess.run(cmd, cwd=ROOT, env=env).returncode:
             failed.append(backend)
         print(f"### {backend}: {time.perf_counter() - t:.0f} s wall", flush=True)
     return failed
@@ -85,22 +88,33 @@ def main(argv=None) -> None:
     if args.backends[0] != "single":
         args.backends = ["single"] + [b for b in args.backends if b != "single"]
     started = time.time() * 1000
-    failed = run_all(args, extra)
+    parent = os.environ.pop("MLFLOW_RUN_ID", None)  # `mlflow run -e benchmark`: its run is the summary run
+    env = dict(os.environ, MEDSPARK_PARENT_RUN_ID=parent) if parent else None  # the backends' runs: its children
+    failed = run_all(args, extra, env)
 
     import mlflow
 
     mlflow.set_tracking_uri(args.uri)
-    runs = mlflow.search_runs(experiment_names=[EXPERIMENT], output_format="list", order_by=["attributes.start_time"],
-                              filter_string=f"attributes.start_time >= {int(started)} and attributes.status = 'FINISHED'")
+    if parent:
+        runs = mlflow.search_runs(experiment_ids=[mlflow.get_run(parent).info.experiment_id], output_format="list",
+                                  order_by=["attributes.start_time"], filter_string=(
+                                      f"tags.`mlflow.parentRunId` = '{parent}' and attributes.status = 'FINISHED'"))
+    else:
+        runs = mlflow.search_runs(experiment_names=[EXPERIMENT], output_format="list",
+                                  order_by=["attributes.start_time"], filter_string=(
+                                      f"attributes.start_time >= {int(started)} and attributes.status = 'FINISHED'"))
     runs = [r for r in runs if r.data.tags.get("medspark.bench") != "summary"]
     md, rows = table(runs)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "backends.md").write_text(md)
     plot(rows, args.out / "backends.png")
     print("\n" + md)
-    with mlflow.start_run(experiment_id=runs[0].info.experiment_id if runs else None, run_name="bench-backends-summary",
-                          tags={"medspark.bench": "summary"}):
-        mlflow.log_params({"backends": " ".join(args.backends), "epochs": args.epochs, "overrides": " ".join(extra)})
+    with mlflow.start_run(run_id=parent, run_name="bench-backends-summary", tags={"medspark.bench": "summary"}) \
+            if parent else mlflow.start_run(experiment_id=runs[0].info.experiment_id if runs else None,
+                                            run_name="bench-backends-summary", tags={"medspark.bench": "summary"}):
+        given = mlflow.active_run().data.params  # `mlflow run` logged its own -P values: params cannot change
+        mlflow.log_params({(f"bench_{k}" if k in given else k): v for k, v in {
+            "backends": " ".join(args.backends), "epochs": args.epochs, "overrides": " ".join(extra)}.items()})
         for r in rows:
             mlflow.log_metrics({f"{r['backend']}_{k.replace(' ', '_').replace('/', '_per_')}": float(r[k])
                                 for k in ("test accuracy", "train s", "images/s", "speedup", "efficiency")})

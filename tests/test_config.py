@@ -118,3 +118,14 @@ def test_cli_unknown_option_lists_the_valid_ones(tmp_path):
     res = run_cli("model=vgg99", tmp_path=tmp_path)
     assert res.returncode != 0
     assert "vgg99" in res.stderr and "small_cnn" in res.stderr and "resnet50" in res.stderr
+
+
+def test_secrets_are_never_logged_in_clear():
+    from medspark.tracking import flatten, mask_secrets
+
+    flat = mask_secrets(flatten({"db": {"password": "hunter2", "api_token": "t0k", "user": "bob"},
+                                 "tracking": {"uri": "https://bob:hunter2@mlflow.example.org:5000"},
+                                 "paths": {"data_url": "s3a://bucket/medspark"}}))
+    assert "hunter2" not in str(flat) and "t0k" not in str(flat)
+    assert flat["db.user"] == "bob" and flat["tracking.uri"] == "https://bob:***@mlflow.example.org:5000"
+    assert flat["paths.data_url"] == "s3a://bucket/medspark"

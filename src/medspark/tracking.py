@@ -15,8 +15,17 @@ MASK = "***"
 PARAM_MAX = 6000  # MLflow's limit on a param value
 
 
+URL_PASSWORD = re.compile(r"(://[^/:@\s]+:)[^/@\s]+@")  # scheme://user:password@host
+
+
 def mask_secrets(flat: dict) -> dict:
-    return {k: (MASK if SECRET.search(k.rsplit(".", 1)[-1]) and v not in (None, "") else v) for k, v in flat.items()}
+    """Secret-looking keys are masked; so is the password of any user:password@host URL in a value."""
+    def clean(k, v):
+        if SECRET.search(k.rsplit(".", 1)[-1]) and v not in (None, ""):
+            return MASK
+        return URL_PASSWORD.sub(rf"\1{MASK}@", v) if isinstance(v, str) else v
+
+    return {k: clean(k, v) for k, v in flat.items()}
 
 
 def flatten(d, prefix: str = "") -> dict:
@@ -43,19 +52,25 @@ def git_commit(cwd: Path) -> str | None:
 
 
 def configure(tracking) -> str:
-    """Point MLflow at the configured store and return the experiment id (created with its artifact root,
-    which otherwise defaults to the current directory)."""
+    """Point MLflow at the configured store and return the experiment id. An experiment medspark creates gets
+    `artifact_location`, or by default (null): `<folder of the sqlite file>/mlartifacts` for a sqlite store (the
+    checkout's `mlartifacts/` with the default store), MLflow's own default for other local stores, and the
+    server's choice for a tracking server (http/https/databricks: artifacts go through the server when it serves
+    them, `mlflow server --artifacts-destination`). An existing experiment keeps its artifact root."""
     import mlflow
 
-    mlflow.set_tracking_uri(str(tracking.uri))
+    from .config import ConfigError
+
+    mode = tracking.get("champion_mode") or "max"
+    if mode not in ("max", "min"):
+        raise ConfigError(f"tracking.champion_mode={mode} must be max (higher is better) or min (lower is better)")
+    uri = str(tracking.uri)
+    mlflow.set_tracking_uri(uri)
     if tracking.get("registry_uri"):
         mlflow.set_registry_uri(str(tracking.registry_uri))
     exp = mlflow.get_experiment_by_name(tracking.experiment)
     if exp is None:
-        location = tracking.get("artifact_location")
-        if location and "://" not in str(location):
-            Path(location).mkdir(parents=True, exist_ok=True)
-            location = Path(location).resolve().as_uri()
+        location = artifact_location(uri, tracking.get("artifact_location"))
         exp_id = mlflow.create_experiment(tracking.experiment, artifact_location=location)
     else:
         exp_id = exp.experiment_id
@@ -63,12 +78,55 @@ def configure(tracking) -> str:
     return exp_id
 
 
+def is_remote(uri: str) -> bool:
+    """A tracking server (or Databricks) rather than a store this process opens itself."""
+    return str(uri).split(":", 1)[0].lower() in ("http", "https", "databricks", "databricks-uc", "uc")
+
+
+def artifact_location(uri: str, configured: str | None) -> str | None:
+    """The artifact root for a new experiment in store `uri` (see configure); None lets MLflow or the server decide.
+    A local path becomes an absolute file:// URI (created); with a tracking server it is honoured but warned about:
+    artifacts then bypass the server and only machines that see that path can read them."""
+    if configured:
+        location = str(configured)
+        if "://" in location:
+            return location
+        if is_remote(uri):
+            log.warning("tracking.artifact_location=%s is a local path but tracking.uri=%s is a server: artifacts "
+                        "will be written to this machine's disk, not through the server (leave it null to let the "
+                        "server store them)", location, uri)
+        Path(location).mkdir(parents=True, exist_ok=True)
+        return Path(location).resolve().as_uri()
+    if uri.startswith("sqlite:///") and uri != "sqlite:///:memory:":
+        db = Path(uri[len("sqlite:///"):].split("?", 1)[0])
+        return artifact_location("", str(db.parent / "mlartifacts"))
+    return None
+
+
+PARENT_RUN_ENV = "MEDSPARK_PARENT_RUN_ID"  # set by medspark.sweep (and benchmarks/backends.py) for their jobs
+
+
 @contextmanager
 def run(run_name: str | None = None, tags: dict | None = None):
-    """An MLflow run that always ends: FINISHED, or FAILED with the error and traceback recorded on it."""
+    """An MLflow run that always ends: FINISHED, or FAILED with the error and traceback recorded on it.
+
+    Launched by `mlflow run` (it sets MLFLOW_RUN_ID): this *is* that run, not a second one, and it stays in the
+    experiment `mlflow run` put it in (its --experiment-name/--experiment-id, else MLflow's default).
+    A job of a sweep ($MEDSPARK_PARENT_RUN_ID, see medspark.sweep): a child run of the sweep's parent run
+    (tag mlflow.parentRunId), in the parent's experiment so that the UI nests it."""
     import mlflow
 
-    active = mlflow.start_run(run_name=run_name, tags=tags or {})
+    tags = dict(tags or {})
+    launched = os.environ.get("MLFLOW_RUN_ID")  # mlflow.start_run() resumes it (and removes it from os.environ)
+    parent = os.environ.get(PARENT_RUN_ENV)
+    if launched:
+        use_experiment_of(launched, "this process was launched by `mlflow run` (MLFLOW_RUN_ID)")
+    elif parent:
+        use_experiment_of(parent, f"this job belongs to the sweep run {PARENT_RUN_ENV}")
+    if parent and parent != launched:
+        tags["mlflow.parentRunId"] = parent
+        tags.setdefault("medspark.job", _hydra_job_num())  # the sweep summary's row order
+    active = mlflow.start_run(run_name=run_name, tags=tags)
     try:
         yield active
     except BaseException as e:
@@ -79,6 +137,33 @@ def run(run_name: str | None = None, tags: dict | None = None):
             mlflow.end_run("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
         raise
     mlflow.end_run("FINISHED")
+
+
+def _hydra_job_num() -> str:
+    """This job's number in a Hydra sweep, "-" outside one."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return str(HydraConfig.get().job.num)
+    except Exception:  # not in a Hydra job (ValueError), or no job number (MissingMandatoryValue)
+        return "-"
+
+
+def use_experiment_of(run_id: str, why: str) -> None:
+    """Make the experiment of run `run_id` the active one (MLflow refuses to resume or nest a run across
+    experiments), or fail with one line when the run is not in the configured store."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from .config import ConfigError
+
+    try:
+        found = mlflow.MlflowClient().get_run(run_id)
+    except MlflowException:
+        raise ConfigError(f"{why}, but run {run_id} is not in tracking.uri={mlflow.get_tracking_uri()}: point "
+                          "tracking.uri at the store that holds it (for `mlflow run`: MLFLOW_TRACKING_URI)") from None
+    experiment = mlflow.set_experiment(experiment_id=found.info.experiment_id)
+    log.info("%s: recording into experiment '%s'", why, experiment.name)
 
 
 def log_params(params: dict) -> None:
@@ -96,7 +181,9 @@ def log_config(cfg, overrides) -> None:
     from omegaconf import OmegaConf
 
     log_params(flatten(OmegaConf.to_container(cfg, resolve=True)))
-    mlflow.log_param("overrides", " ".join(overrides)[:PARAM_MAX] or "(none)")
+    joined = " ".join(overrides)[:PARAM_MAX] or "(none)"
+    given = mlflow.active_run().data.params.get("overrides")  # `mlflow run -P overrides=...` logged it already
+    mlflow.log_param("overrides" if given is None else "hydra_overrides", joined)  # params cannot change
     masked = OmegaConf.create(mask_nested(OmegaConf.to_container(cfg, resolve=True)))
     mlflow.log_text(OmegaConf.to_yaml(masked), "config/resolved.yaml")
 
@@ -201,6 +288,31 @@ def log_model(model, example, registered_name: str | None):
     info = mlflow.tensorflow.log_model(model, name="model", signature=signature, input_example=example,
                                        registered_model_name=registered_name or None)
     return info
+
+
+CLASSIFIER_NAME = "classifier"  # the packaged model's name in the run, and the registry suffix
+
+
+def classifier_registered_name(registered_name: str | None) -> str | None:
+    """The packaged classifier registers beside the Keras model: `<tracking.registered_model>-classifier`."""
+    return f"{registered_name}-{CLASSIFIER_NAME}" if registered_name else None
+
+
+def log_classifier(model, preprocess, classes, example_images, registered_name: str | None):
+    """The model at work: the same Keras model packaged with the run's preprocessing and class names as a
+    pyfunc (`medspark.serving`) that takes raw image files. A second logged model of the run, `classifier`,
+    registered as `<registered_name>-classifier` when a name is configured; the Keras model stays `model`."""
+    from . import serving
+
+    return serving.log_model(model, preprocess, classes, example_images, name=CLASSIFIER_NAME,
+                             registered_model_name=classifier_registered_name(registered_name))
+
+
+def model_uri(info, registered_name: str | None) -> str:
+    """`models:/<name>/<version>` for a registered model, else the logged model's own URI."""
+    if registered_name and info.registered_model_version:
+        return f"models:/{registered_name}/{info.registered_model_version}"
+    return info.model_uri
 
 
 def store_uri_for_ui(uri: str) -> str:

@@ -18,7 +18,7 @@ import hydra
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from . import tracking
+from . import registry, tracking
 from .config import ConfigError, check, config_dir, project_root
 from .data import loader, materialize as mat
 from .data.preprocess import PreprocessConfig
@@ -77,11 +77,16 @@ def train(cfg: DictConfig, overrides: list[str] | tuple = (), spark=None) -> flo
         with timings("log_model_seconds"):
             example, _ = loader.read_arrays(data.split_url("test"), limit=2)
             info = tracking.log_model(result.model, example.astype("float32"), cfg.tracking.get("registered_model"))
+            classifier = tracking.log_classifier(
+                result.model, PreprocessConfig.from_mapping(OmegaConf.to_container(cfg.preprocess)), data.classes,
+                example, cfg.tracking.get("registered_model"))
         mlflow.log_metrics(dict(timings))
         objective = float(metrics.get(cfg.train.objective, float("nan")))
         summary = {"run_id": run.info.run_id, "experiment_id": run.info.experiment_id,
                    "model_uri": (f"models:/{cfg.tracking.registered_model}/{info.registered_model_version}"
                                  if info.registered_model_version else info.model_uri),
+                   "classifier_uri": tracking.model_uri(
+                       classifier, tracking.classifier_registered_name(cfg.tracking.get("registered_model"))),
                    "objective": {cfg.train.objective: objective},
                    "test": {k: round(v, 4) for k, v in metrics.items() if k in
                             ("test_accuracy", "test_macro_f1", "test_roc_auc_ovr", "test_n")},
@@ -89,6 +94,7 @@ def train(cfg: DictConfig, overrides: list[str] | tuple = (), spark=None) -> flo
                                 "images_per_second": round(result.images_per_second, 1),
                                 **{k: round(v, 3) for k, v in speed.items()}},
                    "seconds": {k: round(v, 1) for k, v in timings.items() if k.endswith("seconds")}}
+        summary["champion"] = registry.promote(cfg.tracking, info, cfg.train.objective, objective)
         mlflow.log_dict(summary, "summary.json")
     _print_summary(summary, cfg.tracking.uri)
     return objective
@@ -123,9 +129,10 @@ def _tags(cfg, overrides) -> dict:
 def _materialize(cfg, spark, listing) -> mat.Materialized:
     pre = PreprocessConfig.from_mapping(OmegaConf.to_container(cfg.preprocess))
     split = {"val": float(cfg.split.val), "test": float(cfg.split.test), "seed": int(cfg.split.seed)}
-    data = mat.materialize(spark, listing, pre, split, cfg.paths.data_url, cfg.dataset.name,
-                           row_group_size_mb=int(cfg.materialize.row_group_size_mb),
-                           rebuild=bool(cfg.materialize.rebuild))
+    with _data_lock(cfg):
+        data = mat.materialize(spark, listing, pre, split, cfg.paths.data_url, cfg.dataset.name,
+                               row_group_size_mb=int(cfg.materialize.row_group_size_mb),
+                               rebuild=bool(cfg.materialize.rebuild))
     for name in ("train", "val", "test"):
         if not data.sizes[name]:
             raise DatasetError(f"the {name} split is empty after preprocessing ({len(data.rejected)} files rejected, "
@@ -133,10 +140,24 @@ def _materialize(cfg, spark, listing) -> mat.Materialized:
     return data
 
 
+@contextmanager
+def _data_lock(cfg):
+    """Jobs of a parallel sweep (hydra/launcher=parallel) start together and would all write the same new
+    dataset (one deleting another's unfinished write): one writes, the others wait, then reuse it. A file
+    lock in the local work dir, so it covers the jobs of one machine, which is where a joblib sweep runs."""
+    import fcntl
+
+    path = Path(cfg.paths.work_dir) / "locks" / f"materialize-{cfg.dataset.name}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)  # released when the file closes, also when the process dies
+        yield
+
+
 def data_timings(data: mat.Materialized, wall: float) -> dict[str, float]:
     """This run's preprocessing and writing times; a reused dataset cost only the lookup (`wall`)."""
-    if data.reused:
-        return {"preprocess_seconds": 0.0, "materialize_seconds": wall}
+    if data.reused:  # same keys as a fresh write (the compare view lines runs up); NaN = no images processed
+        return {"preprocess_seconds": 0.0, "materialize_seconds": wall, "preprocess_images_per_second": float("nan")}
     out = {"preprocess_seconds": data.seconds.get("hash", 0) + data.seconds.get("preprocess", 0),
            "materialize_seconds": data.seconds.get("write", 0)}
     if out["preprocess_seconds"]:

@@ -1,0 +1,266 @@
+"""`medspark predict`: a predictions CSV for image files, from a logged or registered classifier.
+
+    medspark predict model=models:/medspark-synthetic-classifier/1 input=scans/ [output=predictions.csv]
+                     [spark=false] [cores=*] [batch_size=64] [tracking_uri=...]
+
+model   an MLflow URI of a packaged classifier (the run's `classifier`, see medspark.serving): models:/name/1,
+        models:/name@alias, runs:/<run id>/classifier, or a local model folder
+input   an image file, or a folder read recursively (names starting with `.` or `_` are skipped, as Spark's
+        file reader does, so both modes see the same files)
+output  the CSV: path, predicted_class, prob_<class>..., error (one row per file, sorted by path; a file that
+        cannot become an image has no class and its reason in `error`)
+spark   true = distributed batch inference on a local Spark session: executors read the file bytes
+        (`binaryFile`) and run the model, loaded once per Python worker, over Arrow batches (`mapInPandas`)
+cores   Spark local cores (spark=true); batch_size: images per model call / per Arrow batch
+tracking_uri  the MLflow store holding `models:/` names; default $MLFLOW_TRACKING_URI, else the one
+        medspark trains into (`tracking.uri` of conf/config.yaml)
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+log = logging.getLogger("medspark.predict")
+KEYS = {"model": None, "input": None, "output": "predictions.csv", "spark": "false", "cores": "*",
+        "batch_size": "64", "tracking_uri": None}
+REQUIRED = ("model", "input")
+USAGE = ("usage: medspark predict model=<models:/name/version | runs:/id/classifier | folder> input=<file or folder> "
+         "[output=predictions.csv] [spark=true|false] [cores=*] [batch_size=64] [tracking_uri=...]")
+TRUE, FALSE = {"true", "1", "yes", "on"}, {"false", "0", "no", "off"}
+
+
+class ArgError(ValueError):
+    """A wrong or missing key=value argument; the message names it."""
+
+
+def parse_args(argv: list[str]) -> dict:
+    opts, seen = dict(KEYS), set()
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        key = key.lstrip("+").strip()
+        if not sep or not key:
+            raise ArgError(f"arguments are key=value, got {arg!r}")
+        if key not in KEYS:
+            raise ArgError(f"unknown key {key!r}; valid keys: {', '.join(KEYS)}")
+        if key in seen:
+            raise ArgError(f"{key}= given twice")
+        seen.add(key)
+        opts[key] = value
+    missing = [k for k in REQUIRED if not opts[k]]
+    if missing:
+        raise ArgError(f"required setting(s) not given: {', '.join(missing)}. Pass them as "
+                       + " ".join(f"{k}=..." for k in missing))
+    spark = str(opts["spark"]).lower()
+    if spark not in TRUE | FALSE:
+        raise ArgError(f"spark={opts['spark']} must be true or false")
+    opts["spark"] = spark in TRUE
+    try:
+        assert int(opts["batch_size"]) >= 1
+        opts["batch_size"] = int(opts["batch_size"])
+    except (ValueError, AssertionError):
+        raise ArgError(f"batch_size={opts['batch_size']} must be an integer >= 1") from None
+    if opts["cores"] != "*":
+        try:
+            assert int(opts["cores"]) >= 1
+            opts["cores"] = int(opts["cores"])
+        except (ValueError, AssertionError):
+            raise ArgError(f"cores={opts['cores']} must be a positive integer or '*'") from None
+    if not os.path.exists(opts["input"]):
+        raise ArgError(f"input={opts['input']}: no such file or folder")
+    out_dir = Path(opts["output"]).resolve().parent
+    if not out_dir.is_dir():
+        raise ArgError(f"output={opts['output']}: folder {out_dir} does not exist")
+    return opts
+
+
+# -- which files ----------------------------------------------------------------------------------------------
+
+def hidden(name: str) -> bool:
+    """Spark's (Hadoop's) rule for files and folders its file sources skip."""
+    return (name.startswith("_") and "=" not in name) or name.startswith(".") or name.endswith("._COPYING_")
+
+
+def list_files(input_path: str) -> list[str]:
+    """Absolute paths of the files to predict, sorted: the file itself, or every non-hidden file under the folder."""
+    root = os.path.abspath(input_path)
+    if os.path.isfile(root):
+        return [root]
+    out = []
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if not hidden(d)]
+        out.extend(os.path.join(folder, f) for f in files if not hidden(f))
+    return sorted(out)
+
+
+def local_path(spark_path: str) -> str:
+    """Spark's `file:/a/b` (or `file:///a/b`) -> `/a/b`; other schemes (hdfs://, s3a://) stay URIs."""
+    return re.sub(r"^file:(//)?(?=/)", "", spark_path)
+
+
+def check_classifier(metadata, model_uri: str):
+    """The model's output schema, if it is a packaged classifier; the Keras `model` takes arrays, not files."""
+    outputs = metadata.get_output_schema()
+    if outputs is None or "predicted_class" not in outputs.input_names():
+        raise ArgError(f"model={model_uri} is not a medspark classifier (it takes arrays, not image files); use the "
+                       "run's `classifier` model: models:/<tracking.registered_model>-classifier/<version>")
+    return outputs
+
+
+# -- the two ways to predict ---------------------------------------------------------------------------------
+
+def predict_local(model, files: list[str], batch_size: int = 64):
+    """Single process: the pyfunc reads and decodes each `path` itself."""
+    import pandas as pd
+
+    parts = [model.predict(pd.DataFrame({"path": files[i:i + batch_size]})) for i in range(0, len(files), batch_size)]
+    out = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+    out.insert(0, "path", files)
+    return out
+
+
+_MODELS: dict = {}  # per Python worker: Spark reuses workers, so a model loads once per worker, not per task
+
+
+def _worker_model(model_dir: str):
+    if model_dir not in _MODELS:
+        import mlflow.pyfunc
+
+        _MODELS[model_dir] = mlflow.pyfunc.load_model(model_dir)
+    return _MODELS[model_dir]
+
+
+def _predict_partition(model_name: str, columns: list[str]):
+    """mapInPandas body: Arrow batches of (path, content) -> predictions, the model loaded once per worker."""
+
+    def run(batches):
+        import pandas as pd
+        from pyspark import SparkFiles
+
+        model = _worker_model(SparkFiles.get(model_name))
+        for pdf in batches:
+            paths = pdf["path"].map(local_path).tolist()
+            out = model.predict(pd.DataFrame({"image": pdf["content"].tolist(), "path": paths}))
+            out.insert(0, "path", paths)
+            yield out[columns]
+    return run
+
+
+def predict_spark(spark, model_uri: str, input_path: str):
+    """Distributed: executors read the files' bytes (`binaryFile`, any Hadoop filesystem) and predict with
+    the model shipped to them (`SparkContext.addFile`); only the predictions come back to the driver."""
+    import mlflow
+    from pyspark.sql.types import DoubleType, StringType, StructField, StructType
+
+    name = f"medspark-model-{uuid.uuid4().hex[:8]}"  # its name among the session's files
+    with tempfile.TemporaryDirectory(prefix="medspark-predict-") as tmp:
+        model_dir = mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=os.path.join(tmp, "dl"))
+        staged = os.path.join(tmp, name)
+        shutil.move(model_dir, staged)
+        spark.sparkContext.addFile(staged, recursive=True)
+        outputs = check_classifier(mlflow.models.Model.load(staged), model_uri)
+        schema = StructType([StructField("path", StringType())] + [
+            StructField(c.name, DoubleType() if c.type.name == "double" else StringType()) for c in outputs.inputs])
+        source = os.path.abspath(input_path) if "://" not in input_path else input_path
+        files = (spark.read.format("binaryFile").option("recursiveFileLookup", "true").load(source)
+                 .select("path", "content"))
+        result = files.mapInPandas(_predict_partition(name, schema.fieldNames()), schema).toPandas()
+    return result.sort_values("path", kind="stable", ignore_index=True)
+
+
+# -- the command ---------------------------------------------------------------------------------------------
+
+def tracking_uris(opts) -> tuple[str | None, str | None]:
+    """(tracking, registry) URIs: tracking_uri=..., else $MLFLOW_TRACKING_URI (MLflow's own variables then
+    decide the registry), else medspark's configured `tracking.uri` and `tracking.registry_uri`."""
+    if opts.get("tracking_uri"):
+        return opts["tracking_uri"], None
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"], None
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from .config import config_dir
+
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+            t = compose("config").tracking
+            return str(t.uri), (str(t.registry_uri) if t.get("registry_uri") else None)
+    except Exception:  # no readable config: MLflow's own default
+        return None, None
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def spark_session(cores, batch_size: int):
+    """A local Spark session from conf/cluster/local.yaml, quiet, with small Arrow batches (rows are images)."""
+    from omegaconf import OmegaConf
+
+    from .config import config_dir
+    from .spark import session
+
+    cfg = OmegaConf.merge(OmegaConf.load(Path(config_dir()) / "cluster" / "local.yaml"), {
+        "cores": cores, "log_level": "ERROR",
+        "conf": {"spark.ui.enabled": "false", "spark.ui.showConsoleProgress": "false",
+                 "spark.sql.execution.arrow.maxRecordsPerBatch": str(batch_size)}})
+    return session(cfg, app_name="medspark-predict")
+
+
+def run(opts) -> "pd.DataFrame":  # noqa: F821
+    import mlflow
+
+    uri, registry = tracking_uris(opts)
+    if uri:
+        mlflow.set_tracking_uri(uri)
+    if registry:
+        mlflow.set_registry_uri(registry)
+    files = list_files(opts["input"])
+    if not files:
+        raise ArgError(f"input={opts['input']}: no files to predict (names starting with . or _ are skipped)")
+    if opts["spark"]:
+        spark = spark_session(opts["cores"], opts["batch_size"])
+        try:
+            return predict_spark(spark, opts["model"], opts["input"])
+        finally:
+            spark.stop()
+    model = mlflow.pyfunc.load_model(opts["model"])
+    check_classifier(model.metadata, opts["model"])
+    return predict_local(model, files, opts["batch_size"])
+
+
+def main(argv: list[str]) -> int:
+    if argv and argv[0] in ("-h", "--help", "help"):
+        print(__doc__)
+        return 0
+    try:
+        opts = parse_args(argv)
+    except ArgError as e:
+        print(f"medspark predict: error: {e}\n{USAGE}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per file otherwise
+    t0 = time.perf_counter()
+    try:
+        out = run(opts)
+    except ArgError as e:
+        print(f"medspark predict: error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # MLflow's errors for a wrong model URI are long: show the first line
+        from mlflow.exceptions import MlflowException
+
+        if not isinstance(e, (MlflowException, OSError)):
+            raise
+        print(f"medspark predict: error: model={opts['model']}: {str(e).strip().splitlines()[0]}", file=sys.stderr)
+        return 2
+    out.to_csv(opts["output"], index=False)
+    errors = int(out["error"].notna().sum()) if "error" in out else 0
+    print(f"medspark predict: {len(out)} file(s), {len(out) - errors} predicted, {errors} not images "
+          f"({'spark' if opts['spark'] else 'single process'}, {time.perf_counter() - t0:.1f} s) -> {opts['output']}")
+    return 0

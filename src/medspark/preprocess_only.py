@@ -1,0 +1,85 @@
+"""The data stage alone: list the images, preprocess them on Spark and write the Petastorm splits; no training.
+
+    python -m medspark.preprocess_only [overrides]        (`mlflow run . -e preprocess -P overrides=...`)
+
+Same config and same fingerprinted data URL as `medspark`: a training run with the same dataset, preprocess
+and split settings afterwards reuses what this wrote (its run logs data_reused=1). It records an MLflow run
+(tag medspark.stage=preprocess) with the resolved config, the data counts and timings, data/rejected.csv and
+data/splits.json, and prints the data URL and the counts.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+
+import hydra
+from omegaconf import DictConfig
+
+from . import tracking
+from .config import ConfigError, check, config_dir
+from .data.sources import DatasetError
+from .train import Timings, _materialize, _tags, data_timings, list_dataset
+
+log = logging.getLogger("medspark")
+
+
+def preprocess(cfg: DictConfig, overrides: list[str] | tuple = (), spark=None) -> dict:
+    """Materialize the dataset `cfg` describes and return what `summary.json` records."""
+    check(cfg)
+    tracking.configure(cfg.tracking)
+    with tracking.run(cfg.tracking.get("run_name") or f"preprocess-{cfg.dataset.name}",
+                      _tags(cfg, overrides) | {"medspark.stage": "preprocess"}) as run:
+        import mlflow
+
+        tracking.log_config(cfg, overrides)
+        timings = Timings()
+        with timings("list_seconds"):
+            listing = list_dataset(cfg.dataset)
+        log.info("listed %d files in %d classes %s", len(listing.records), len(listing.classes), listing.counts())
+        from .spark import session
+
+        own_spark = spark is None
+        spark = spark or session(cfg.cluster, app_name=f"medspark-preprocess-{cfg.dataset.name}")
+        try:
+            t0 = time.perf_counter()
+            data = _materialize(cfg, spark, listing)
+            timings.update(data_timings(data, time.perf_counter() - t0))
+        finally:
+            if own_spark:
+                spark.stop()
+        tracking.log_data(data)
+        mlflow.log_metrics(dict(timings))
+        summary = {"run_id": run.info.run_id, "experiment_id": run.info.experiment_id, "data_url": data.url,
+                   "fingerprint": data.fingerprint, "reused": data.reused, "classes": list(data.classes),
+                   "counts": data.summary(), "sizes": data.sizes,
+                   "seconds": {k: round(v, 1) for k, v in timings.items()}}
+        mlflow.log_dict(summary, "summary.json")
+    print("\n=== medspark preprocess finished ===", flush=True)
+    print(json.dumps(summary, indent=2))
+    print(f"data:     {data.url}  ({'reused' if data.reused else 'written'}; "
+          f"train/val/test = {data.sizes['train']}/{data.sizes['val']}/{data.sizes['test']}, "
+          f"{len(data.rejected)} rejected)")
+    print(f"run id:   {summary['run_id']}", flush=True)
+    return summary
+
+
+@hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
+def _hydra_main(cfg: DictConfig) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    try:
+        preprocess(cfg, overrides=list(HydraConfig.get().overrides.task))
+    except (ConfigError, DatasetError, FileNotFoundError) as e:
+        log.error("%s", e)
+        print(f"medspark: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def main() -> None:
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

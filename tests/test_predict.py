@@ -1,0 +1,316 @@
+"""The model at work: the packaged classifier (medspark.serving) takes raw image files and predicts exactly what
+the Keras model predicts on the training preprocessing of those files, in process, through `medspark predict`
+(single process and Spark) and through a real `mlflow models serve` HTTP endpoint.
+
+One small training (module fixture, about a minute on 2 cores) feeds every slow test here."""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from medspark import predict
+from medspark.data.preprocess import PreprocessConfig, Rejected, decode, read_bytes
+
+SMALL = ["dataset.generate.per_class=60", "dataset.generate.size=64", "preprocess.image_size=64",
+         "train.epochs=3", "train.batch_size=16", "cluster.cores=2"]
+CLASSES = ["glioma", "meningioma", "notumor", "pituitary"]
+ENV = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+
+
+def _png(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def make_inputs(phantoms: Path, folder: Path) -> dict[str, Path]:
+    """A folder a user might point the model at: training-like PNGs, a big RGB PNG in a subfolder, a JPEG, a
+    16-bit PNG, a truncated PNG, a text file, OS litter, and hidden files that both CLI modes must skip."""
+    (folder / "sub").mkdir(parents=True)
+    files = {}
+    for cls in CLASSES:
+        for src in sorted((phantoms / cls).glob("*.png"))[:2]:
+            files[f"{cls}_{src.name}"] = shutil.copy(src, folder / f"{cls}_{src.name}")
+    base = Image.open(sorted((phantoms / "glioma").glob("*.png"))[0]).convert("L")
+    big = Image.merge("RGB", [base, base.point(lambda v: v * 0.8), base.point(lambda v: v * 0.6)]).resize((300, 220))
+    (folder / "sub" / "big_rgb.png").write_bytes(_png(big))  # other size, mode and aspect than training
+    big.resize((150, 150)).save(folder / "scan.jpg", quality=92)
+    arr16 = (np.asarray(base.resize((80, 80)), np.uint16) * 250).astype(np.uint16)
+    Image.fromarray(arr16).save(folder / "deep16.png")
+    good = (folder / "sub" / "big_rgb.png").read_bytes()
+    (folder / "truncated.png").write_bytes(good[: len(good) // 2])
+    (folder / "notes.txt").write_text("not an image\n")
+    (folder / "Thumbs.db").write_bytes(b"\x00" * 64)
+    (folder / ".DS_Store").write_bytes(b"\x00" * 64)  # hidden: skipped
+    (folder / "_partial.png").write_bytes(good)  # hidden by Spark's rule: skipped
+    for name in ("sub/big_rgb.png", "scan.jpg", "deep16.png", "truncated.png", "notes.txt", "Thumbs.db"):
+        files[name] = folder / name
+    return {k: Path(v) for k, v in files.items()}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One real small run through `python -m medspark.train`: both logged models, registered."""
+    tmp = tmp_path_factory.mktemp("predict")
+    uri = f"sqlite:///{tmp}/mlruns.db"
+    t0 = time.perf_counter()
+    res = subprocess.run([sys.executable, "-m", "medspark.train", *SMALL, f"paths.work_dir={tmp}/work",
+                          f"tracking.uri={uri}", f"tracking.artifact_location={tmp}/artifacts"],
+                         cwd=tmp, capture_output=True, text=True, timeout=900, env=ENV)
+    assert res.returncode == 0, res.stderr[-4000:]
+    print(f"training took {time.perf_counter() - t0:.1f} s")
+    mlflow.set_tracking_uri(uri)
+    run = mlflow.search_runs(experiment_names=["medspark-synthetic"], output_format="list")[0]
+    summary = json.loads(mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/summary.json"))
+    phantoms = next((tmp / "work" / "synthetic").iterdir())
+    files = make_inputs(phantoms, tmp / "inputs")
+    return {"uri": uri, "tmp": tmp, "run": run, "summary": summary, "files": files, "inputs": tmp / "inputs"}
+
+
+@pytest.fixture(scope="module")
+def models(trained):
+    mlflow.set_tracking_uri(trained["uri"])
+    return {"pyfunc": mlflow.pyfunc.load_model(trained["summary"]["classifier_uri"]),
+            "keras": mlflow.tensorflow.load_model(trained["summary"]["model_uri"])}
+
+
+@pytest.fixture(autouse=True)
+def _store(request):
+    if "trained" in request.fixturenames:
+        mlflow.set_tracking_uri(request.getfixturevalue("trained")["uri"])
+
+
+def training_preprocess(run) -> PreprocessConfig:
+    """The preprocessing the run trained with, from its own logged params (not from the packaged model)."""
+    p = run.data.params
+    return PreprocessConfig(image_size=int(p["preprocess.image_size"]), channels=int(p["preprocess.channels"]),
+                            resize=p["preprocess.resize"], denoise=p["preprocess.denoise"],
+                            draft=p["preprocess.draft"] == "True", min_side=int(p["preprocess.min_side"]),
+                            max_pixels=int(p["preprocess.max_pixels"]))
+
+
+def keras_reference(keras_model, cfg: PreprocessConfig, paths) -> dict[str, np.ndarray | None]:
+    """What training would have fed the network for each file, through the Keras model; None = rejected."""
+    out, arrays, ok = {}, [], []
+    for p in paths:
+        try:
+            arrays.append(decode(read_bytes(str(p)), cfg))
+            ok.append(str(p))
+        except Rejected:
+            out[str(p)] = None
+    probs = keras_model.predict(np.stack(arrays).astype("float32"), verbose=0)
+    out.update(dict(zip(ok, probs)))
+    return out
+
+
+def assert_matches(frame: pd.DataFrame, paths, reference, classes=CLASSES):
+    assert list(frame.columns[-len(classes) - 2:]) == ["predicted_class", *(f"prob_{c}" for c in classes), "error"]
+    for (_, row), p in zip(frame.iterrows(), paths):
+        ref = reference[str(p)]
+        probs = row[[f"prob_{c}" for c in classes]].to_numpy(float)
+        if ref is None:
+            assert row["predicted_class"] is None or pd.isna(row["predicted_class"]), p
+            assert np.isnan(probs).all() and isinstance(row["error"], str) and row["error"], p
+        else:
+            assert row["predicted_class"] == classes[int(np.argmax(ref))], p
+            np.testing.assert_allclose(probs, ref, rtol=1e-4, atol=1e-6, err_msg=str(p))
+            assert row["error"] is None or pd.isna(row["error"]), (p, row["error"])
+
+
+# -- in process -------------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_both_models_are_logged_and_registered_with_signature_and_example(trained):
+    s = trained["summary"]
+    assert s["model_uri"] == "models:/medspark-synthetic/1"
+    assert s["classifier_uri"] == "models:/medspark-synthetic-classifier/1"
+    info = mlflow.models.get_model_info(s["classifier_uri"])
+    assert info.signature.inputs.input_names() == ["image", "path"]
+    assert info.signature.inputs.required_input_names() == []
+    assert info.signature.outputs.input_names() == ["predicted_class", *(f"prob_{c}" for c in CLASSES), "error"]
+    assert info.saved_input_example_info is not None
+    assert info.run_id == trained["run"].info.run_id == mlflow.models.get_model_info(s["model_uri"]).run_id
+
+
+@pytest.mark.slow
+def test_packaged_model_predicts_raw_files_like_keras_on_the_training_preprocessing(trained, models):
+    pyfunc, keras_model = models["pyfunc"], models["keras"]
+    cfg = training_preprocess(trained["run"])
+    assert pyfunc.unwrap_python_model().preprocess == cfg, "the packaged preprocessing is the training one"
+    paths = list(trained["files"].values())
+    reference = keras_reference(keras_model, cfg, paths)
+    rejected = {Path(p).name for p, r in reference.items() if r is None}
+    assert rejected == {"truncated.png", "notes.txt", "Thumbs.db"}
+
+    by_path = pyfunc.predict(pd.DataFrame({"path": [str(p) for p in paths]}))
+    assert_matches(by_path, paths, reference)
+    raw = [p.read_bytes() for p in paths]
+    by_bytes = pyfunc.predict(pd.DataFrame({"image": raw}))
+    b64 = pyfunc.predict(pd.DataFrame({"image": [base64.b64encode(b).decode() for b in raw]}))
+    for frame in (by_bytes, b64):
+        assert_matches(frame, paths, reference)
+        np.testing.assert_allclose(frame.iloc[:, 1:-1].to_numpy(float), by_path.iloc[:, 1:-1].to_numpy(float),
+                                   rtol=1e-5, atol=1e-7)
+    errors = dict(zip((p.name for p in paths), by_path["error"]))
+    assert "corrupt or truncated" in errors["truncated.png"]
+    assert "not an image" in errors["notes.txt"]
+    assert errors["Thumbs.db"] == "system file, not an image"
+    assert by_path["predicted_class"].notna().sum() == len(paths) - 3
+
+
+@pytest.mark.slow
+def test_bad_rows_get_a_reason_and_never_kill_the_batch(models, trained):
+    good = trained["files"]["sub/big_rgb.png"].read_bytes()
+    out = models["pyfunc"].predict(pd.DataFrame({
+        "image": [good, np.zeros((64, 64, 1), np.uint8), "%%% not base64 %%%", b"", None],
+        "path": [None, None, None, None, str(trained["tmp"] / "missing.png")]}))
+    assert out["predicted_class"].iloc[0] in CLASSES and pd.isna(out["error"].iloc[0])
+    assert out["predicted_class"].iloc[1:].isna().all()
+    reasons = out["error"].tolist()[1:]
+    assert "not decoded arrays" in reasons[0]
+    assert "not base64" in reasons[1]
+    assert reasons[2] == "empty file (0 bytes)"
+    assert reasons[3].startswith("unreadable")
+
+
+# -- `medspark predict` -----------------------------------------------------------------------------------------
+
+def _cli(*args, cwd):
+    t0 = time.perf_counter()
+    res = subprocess.run([sys.executable, "-m", "medspark", "predict", *args], cwd=cwd, capture_output=True, text=True,
+                         timeout=600, env=ENV)
+    return res, time.perf_counter() - t0
+
+
+@pytest.mark.slow
+def test_cli_writes_the_csv_and_spark_gives_the_same_predictions(trained, models):
+    tmp, uri = trained["tmp"], trained["summary"]["classifier_uri"]
+    common = [f"model={uri}", f"input={trained['inputs']}", f"tracking_uri={trained['uri']}"]
+    single, t_single = _cli(*common, f"output={tmp}/single.csv", cwd=tmp)
+    assert single.returncode == 0, single.stderr[-3000:]
+    spark, t_spark = _cli(*common, f"output={tmp}/spark.csv", "spark=true", "cores=2", "batch_size=4", cwd=tmp)
+    assert spark.returncode == 0, spark.stderr[-3000:]
+    print(f"medspark predict: single process {t_single:.1f} s, spark {t_spark:.1f} s")
+    assert "14 file(s), 11 predicted, 3 not images" in single.stdout
+
+    a, b = pd.read_csv(f"{tmp}/single.csv"), pd.read_csv(f"{tmp}/spark.csv")
+    expected = sorted(str(p) for p in trained["files"].values())
+    assert a["path"].tolist() == expected, "hidden files (.DS_Store, _partial.png) skipped, subfolders read"
+    assert b["path"].tolist() == expected
+    assert list(a.columns) == ["path", "predicted_class", *(f"prob_{c}" for c in CLASSES), "error"]
+    assert list(b.columns) == list(a.columns)
+    assert a["predicted_class"].fillna("-").tolist() == b["predicted_class"].fillna("-").tolist()
+    assert a["error"].fillna("").tolist() == b["error"].fillna("").tolist()
+    np.testing.assert_allclose(a.iloc[:, 2:-1].to_numpy(float), b.iloc[:, 2:-1].to_numpy(float), rtol=1e-4,
+                               atol=1e-6, equal_nan=True)
+    reference = keras_reference(models["keras"], training_preprocess(trained["run"]), expected)
+    assert_matches(a, expected, reference)
+
+
+@pytest.mark.slow
+def test_cli_on_one_file_and_on_a_model_that_takes_arrays(trained, capsys):
+    tmp = trained["tmp"]
+    one = trained["files"]["sub/big_rgb.png"]
+    assert predict.main([f"model={trained['summary']['classifier_uri']}", f"input={one}", f"output={tmp}/one.csv",
+                         f"tracking_uri={trained['uri']}"]) == 0
+    out = pd.read_csv(tmp / "one.csv")
+    assert out["path"].tolist() == [str(one)] and out["predicted_class"].iloc[0] in CLASSES
+    assert predict.main([f"model={trained['summary']['model_uri']}", f"input={one}", f"output={tmp}/x.csv",
+                         f"tracking_uri={trained['uri']}"]) == 2
+    assert "is not a medspark classifier" in capsys.readouterr().err
+    assert predict.main(["model=models:/no-such-model/1", f"input={one}", f"tracking_uri={trained['uri']}",
+                         f"output={tmp}/x.csv"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("medspark predict: error: model=models:/no-such-model/1") and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("argv, message", [
+    ([], "required setting(s) not given: model, input. Pass them as model=... input=..."),
+    (["model=m"], "required setting(s) not given: input"),
+    (["model=m", "input=/no/such/dir"], "input=/no/such/dir: no such file or folder"),
+    (["model=m", "input=.", "colour=red"], "unknown key 'colour'"),
+    (["model=m", "input=.", "spark=maybe"], "spark=maybe must be true or false"),
+    (["model=m", "input=.", "batch_size=0"], "batch_size=0 must be an integer >= 1"),
+    (["model=m", "input", "x"], "arguments are key=value, got 'input'"),
+    (["model=m", "input=.", "output=/no/such/dir/p.csv"], "folder /no/such/dir does not exist"),
+])
+def test_cli_argument_errors_are_one_clear_line(argv, message, capsys):
+    assert predict.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("medspark predict: error: ") and message in err.splitlines()[0], err
+
+
+def test_hidden_file_rule_matches_spark():
+    assert predict.hidden(".DS_Store") and predict.hidden("_SUCCESS") and predict.hidden("x.png._COPYING_")
+    assert not predict.hidden("_year=2020") and not predict.hidden("scan_1.png")
+    assert predict.local_path("file:/a/b c.png") == "/a/b c.png" == predict.local_path("file:///a/b c.png")
+    assert predict.local_path("hdfs://nn/a.png") == "hdfs://nn/a.png"
+
+
+# -- `mlflow models serve` --------------------------------------------------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_served_model_answers_http_with_the_in_process_predictions(trained, models):
+    tmp, uri = trained["tmp"], trained["summary"]["classifier_uri"]
+    port, log_path = _free_port(), tmp / "serve.log"
+    png = trained["files"]["sub/big_rgb.png"].read_bytes()
+    text = trained["files"]["notes.txt"].read_bytes()
+    expected = models["pyfunc"].predict(pd.DataFrame({"image": [png, text]}))
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", uri, "--env-manager",
+                                 "local", "-h", "127.0.0.1", "-p", str(port)], cwd=tmp, stdout=log,
+                                stderr=subprocess.STDOUT, env={**ENV, "MLFLOW_TRACKING_URI": trained["uri"]},
+                                start_new_session=True)
+    try:
+        t0, base = time.perf_counter(), f"http://127.0.0.1:{port}"
+        while True:
+            assert proc.poll() is None, f"server exited: {log_path.read_text()[-3000:]}"
+            assert time.perf_counter() - t0 < 120, f"no /ping in 120 s: {log_path.read_text()[-3000:]}"
+            try:
+                with urllib.request.urlopen(f"{base}/ping", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                time.sleep(1)
+        print(f"model server up in {time.perf_counter() - t0:.1f} s")
+        body = {"dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(png).decode()],
+                                                                    [base64.b64encode(text).decode()]]}}
+        req = urllib.request.Request(f"{base}/invocations", data=json.dumps(body).encode(), method="POST",
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=60) as r:
+            answer = json.loads(r.read())["predictions"]
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert len(answer) == 2
+    ok, bad = answer
+    assert ok["predicted_class"] == expected["predicted_class"].iloc[0] in CLASSES and ok.get("error") is None
+    np.testing.assert_allclose([ok[f"prob_{c}"] for c in CLASSES],
+                               expected[[f"prob_{c}" for c in CLASSES]].iloc[0].to_numpy(float), rtol=1e-5, atol=1e-7)
+    assert bad["predicted_class"] is None and "not an image" in bad["error"]
