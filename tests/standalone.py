@@ -5,6 +5,10 @@ launcher (`bin/spark-class`), so no Spark download and no `sbin/` daemon scripts
 
 Each process runs in its own session with its log in a temporary folder; a failure to come up shows those
 logs. Everything is stopped at the end (SIGTERM, then SIGKILL after a timeout).
+
+Faults (tests/test_executor_loss.py): a worker's session holds the worker JVM, the executor JVMs it launched and
+their Python workers, so `kill_worker` (SIGKILL to the whole process group) is a lost machine; `freeze`/`thaw`
+(SIGSTOP/SIGCONT) hold a machine still, and `ensure_workers` starts replacements.
 """
 from __future__ import annotations
 
@@ -39,6 +43,7 @@ class StandaloneCluster:
         self.port, self.webui = _free_port(), _free_port()
         self.master_url = f"spark://127.0.0.1:{self.port}"
         self.procs: list[tuple[str, subprocess.Popen, Path]] = []
+        self.started_workers, self.killed = 0, set()
         self.env = dict(os.environ, SPARK_HOME=str(self.spark_home), SPARK_LOCAL_IP="127.0.0.1",
                         SPARK_LOCAL_DIRS=str(self.root / "local"), SPARK_LOG_DIR=str(self.root / "logs"),
                         SPARK_WORKER_DIR=str(self.root / "work"))
@@ -73,7 +78,7 @@ class StandaloneCluster:
     def _wait(self, what: str, ready) -> None:
         deadline = time.monotonic() + READY_TIMEOUT_S
         while not ready():
-            dead = [name for name, proc, _ in self.procs if proc.poll() is not None]
+            dead = [name for name, proc, _ in self.procs if proc.poll() is not None and name not in self.killed]
             if dead or time.monotonic() > deadline:
                 why = f"{', '.join(dead)} exited" if dead else f"not within {READY_TIMEOUT_S} s"
                 raise RuntimeError(f"standalone cluster: {what} failed ({why}). Logs:\n{self.logs()}")
@@ -85,12 +90,70 @@ class StandaloneCluster:
         self._start("master", "org.apache.spark.deploy.master.Master", "--host", "127.0.0.1",
                     "--port", str(self.port), "--webui-port", str(self.webui))
         self._wait("master start", lambda: self.status() is not None)
-        for i in range(self.n):
-            self._start(f"worker{i}", "org.apache.spark.deploy.worker.Worker", "--host", "127.0.0.1",
-                        "--cores", str(self.cores), "--memory", self.memory, "--webui-port", str(_free_port()),
-                        "--work-dir", str(self.root / "work" / f"worker{i}"), self.master_url)
+        for _ in range(self.n):
+            self._start_worker()
         self._wait(f"registration of {self.n} workers", lambda: self.alive_workers() >= self.n)
         return self
+
+    def _start_worker(self) -> str:
+        name = f"worker{self.started_workers}"
+        self.started_workers += 1
+        self._start(name, "org.apache.spark.deploy.worker.Worker", "--host", "127.0.0.1",
+                    "--cores", str(self.cores), "--memory", self.memory, "--webui-port", str(_free_port()),
+                    "--work-dir", str(self.root / "work" / name), self.master_url)
+        return name
+
+    # ------------------------------------------------------------------ faults
+
+    def workers(self) -> dict[str, subprocess.Popen]:
+        """The worker processes still running, by name."""
+        return {name: proc for name, proc, _ in self.procs if name.startswith("worker") and proc.poll() is None}
+
+    def ensure_workers(self, n: int) -> None:
+        """Start replacement workers until n are running and registered with the master."""
+        while len(self.workers()) < n:
+            self._start_worker()
+        self._wait(f"registration of {n} workers", lambda: self.alive_workers() >= n)
+
+    def executors(self, app_id: str | None = None) -> dict[str, str]:
+        """{executor id: worker name} of the executor JVMs running under each worker (of one application)."""
+        import psutil
+
+        out = {}
+        for name, proc in self.workers().items():
+            try:
+                children = psutil.Process(proc.pid).children(recursive=True)
+            except psutil.NoSuchProcess:
+                continue
+            for child in children:
+                try:
+                    cmd = child.cmdline()
+                except psutil.Error:
+                    continue
+                if "--executor-id" in cmd and (app_id is None or app_id in cmd):
+                    out[cmd[cmd.index("--executor-id") + 1]] = name
+        return out
+
+    def _signal(self, name: str, sig: int) -> None:
+        proc = dict((n, p) for n, p, _ in self.procs)[name]
+        try:
+            os.killpg(proc.pid, sig)  # the worker leads its session: its executors and their Python workers too
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def freeze(self, *names: str) -> None:
+        for name in names:
+            self._signal(name, signal.SIGSTOP)
+
+    def thaw(self, *names: str) -> None:
+        for name in names:
+            self._signal(name, signal.SIGCONT)
+
+    def kill_worker(self, name: str) -> None:
+        """A lost machine: SIGKILL to the worker, its executor JVMs and their Python workers at once."""
+        self.killed.add(name)
+        self._signal(name, signal.SIGKILL)
+        dict((n, p) for n, p, _ in self.procs)[name].wait(30)
 
     def stop(self, timeout: float = 20) -> None:
         for _, proc, _ in reversed(self.procs):  # workers first: they stop their executors

@@ -4,12 +4,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from hydra.utils import instantiate
-from omegaconf import open_dict
+from omegaconf import OmegaConf, open_dict
 
 from medspark.backends import build as build_backend
 from medspark.config import ConfigError, check, config_dir
+from medspark.data.sources import DatasetError, list_images
 from medspark.spark import master_url
 from medspark.train import list_dataset
 from conftest import REPO, SHARED, make_cfg
@@ -82,6 +84,8 @@ def test_every_experiment_composes(tmp_path, name):
     (["preprocess.channels=2"], "preprocess.channels"),
     (["split.test=0"], "split.test"),
     (["split.test=1"], "split.test"),
+    (["split.val=0"], "split.val"),
+    (["split.val=1"], "split.val"),
     (["split.val=0.6", "split.test=0.4"], "nothing to train"),
     (["train.epochs=0"], "train.epochs"),
     (["train.objective=val_loss"], "train.objective"),
@@ -129,3 +133,136 @@ def test_secrets_are_never_logged_in_clear():
     assert "hunter2" not in str(flat) and "t0k" not in str(flat)
     assert flat["db.user"] == "bob" and flat["tracking.uri"] == "https://bob:***@mlflow.example.org:5000"
     assert flat["paths.data_url"] == "s3a://bucket/medspark"
+
+
+# ---------------------------------------------------------------- bad datasets and configs: one line, before Spark
+
+def cli(module: str, *args, tmp_path, timeout=120):
+    """The command as a user runs it, with a Java that does not exist: if anything started Spark, the error would
+    be Spark's 'JAVA_HOME is set to an invalid directory' / 'Java gateway process exited', not ours."""
+    import os
+
+    env = dict(os.environ, JAVA_HOME=str(tmp_path / "no-java-here"), HYDRA_FULL_ERROR="0")
+    return subprocess.run([sys.executable, "-m", module, f"paths.work_dir={tmp_path}/w",
+                           f"tracking.uri=sqlite:///{tmp_path}/m.db", *args], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=timeout, env=env)
+
+
+def the_error_line(res) -> str:
+    """Exit status 2, exactly one `medspark: error:` line on stderr, no traceback, no sign of Spark or Java."""
+    out = res.stdout + res.stderr
+    assert res.returncode == 2, out[-3000:]
+    errors = [line for line in res.stderr.splitlines() if line.startswith("medspark: error:")]
+    assert len(errors) == 1, res.stderr[-3000:]
+    for sign in ("Traceback", "JAVA_HOME", "Java gateway", "py4j", "SparkContext", "log4j"):
+        assert sign not in out, (sign, out[-3000:])
+    return errors[0]
+
+
+@pytest.mark.parametrize("module", [
+    "medspark", "medspark.preprocess_only", "medspark.train"])
+@pytest.mark.parametrize("args, group", [(["backend=nope"], "backend"), (["dataset=nope"], "dataset"),
+                                         (["cluster=nope"], "cluster"), (["-m", "model=small_cnn,vgg99"], "model")],
+                         ids=["backend", "dataset", "cluster", "model_sweep"])
+def test_unknown_group_option_is_one_line_with_the_valid_ones(tmp_path, module, args, group):
+    line = the_error_line(cli(module, *args, tmp_path=tmp_path, timeout=60))
+    bad = args[-1].split("=")[1].split(",")[-1]
+    assert line == (f"medspark: error: {group}={bad} is not an option of the {group} group; valid: "
+                    f"{', '.join(GROUPS[group])}")
+
+
+def test_group_override_check_leaves_valid_and_hydra_syntax_alone():
+    from medspark.config import check_overrides
+
+    for argv in (["backend=single", "model=dense"], ["-m", "model=small_cnn,dense"], ["experiment=null"],
+                 ["hydra/launcher=parallel"], ["~experiment"], ["model=glob(*)"], ["+experiment=brain_mri_small_cnn"],
+                 ["--cfg", "job"], ["dataset.root=/x=y"]):
+        check_overrides(argv)
+    with pytest.raises(ConfigError, match="experiment=nope is not an option of the experiment group; valid: "
+                                          "brain_mri_small_cnn"):
+        check_overrides(["+experiment=nope"])
+
+
+def make_folder(root, **counts):
+    from PIL import Image
+
+    for cls, n in counts.items():
+        (root / cls).mkdir(parents=True)
+        for i in range(n):
+            Image.fromarray(np.full((24, 24), 10 * i + 100 * (cls == "b"), np.uint8)).save(root / cls / f"{i}.png")
+    return root
+
+
+def cores_case():
+    import os
+
+    have = os.cpu_count() or 1
+    return ([f"cluster.cores={have + 1}"],
+            f"cluster.cores={have + 1} but this machine has {have} cores; use cluster.cores={have} or '*'")
+
+
+@pytest.mark.parametrize("args, says", [
+    (["split.test=0"], "split.test=0.0 must be strictly between 0 and 1 when the dataset has no test folder"),
+    (["split.test=1"], "split.test=1.0 must be strictly between 0 and 1 when the dataset has no test folder"),
+    (["split.val=0"], "split.val=0.0 must be strictly between 0 and 1 (a validation split drives early stopping)"),
+    (["split.val=1"], "split.val=1.0 must be strictly between 0 and 1 (a validation split drives early stopping)"),
+    (["preprocess.image_size=0"], "preprocess.image_size=0 must be an integer in 8..4096"),
+    cores_case(),
+    (["dataset=image_folder", "dataset.root=/nonexistent/scans"],
+     "dataset.root=/nonexistent/scans does not exist or is not a directory; set dataset.root to the dataset folder"),
+    (["dataset=image_folder", "dataset.root={tmp}/ds"], "class folder {tmp}/ds/no is empty; add images to it, or set "
+                                                        "dataset.classes to the classes to use (with images: ['yes'])"),
+], ids=["test_0", "test_1", "val_0", "val_1", "image_size_0", "cores", "missing_root", "empty_class"])
+def test_cli_bad_setting_is_one_line_before_spark(tmp_path, args, says):
+    make_folder(tmp_path / "ds", yes=3)
+    (tmp_path / "ds" / "no").mkdir()
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    line = the_error_line(cli("medspark.train", *args, tmp_path=tmp_path))
+    assert line == "medspark: error: " + says.replace("{tmp}", str(tmp_path))
+
+
+def test_class_of_only_system_files_fails_at_listing(tmp_path):
+    make_folder(tmp_path, yes=3)
+    (tmp_path / "no").mkdir()
+    (tmp_path / "no" / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    with pytest.raises(DatasetError, match=r"class folder .*no holds no images, only 1 system file\(s\) such as "
+                                           r"\.DS_Store; add images to it, or set dataset\.classes"):
+        list_images(OmegaConf.create({"layout": "class_folders", "root": str(tmp_path), "classes": None}))
+
+
+@pytest.mark.parametrize("layout, counts, split, says", [
+    ("class_folders", {"a": 8, "b": 2}, (0.15, 0.15),
+     r"class 'b' has 2 distinct image\(s\) at most \(2 file\(s\) listed\); at least 3 are needed to stratify into "
+     r"train/val/test: add images, or drop the class from dataset\.classes \(classes with enough: \['a'\]\)"),
+    ("split_folders", {"a": 8, "b": 1}, (0.15, 0.15), r"class 'b' has 1 distinct image\(s\) at most .* at least 2 are "
+                                                      r"needed to stratify into train/val:"),
+    ("split_folders_without_test", {"a": 8, "b": 8}, (0.15, 0.0),
+     r"split\.test=0\.0 must be strictly between 0 and 1 when the dataset has no test folder"),
+])
+def test_listing_is_checked_against_the_split_before_spark(tmp_path, layout, counts, split, says):
+    from medspark.data.splits import check_listing
+
+    ds = {"layout": layout, "classes": None, "root": str(tmp_path)}
+    if layout == "class_folders":
+        make_folder(tmp_path, **counts)
+    else:
+        make_folder(tmp_path / "train", **counts)
+        if layout == "split_folders":
+            make_folder(tmp_path / "test", a=2, b=2)
+        ds.update(layout="split_folders", split_dirs={"train": "train", "test": "test"})
+    listing = list_images(OmegaConf.create(ds))
+    with pytest.raises(DatasetError, match=says):
+        check_listing(listing, *split)
+
+
+def test_class_too_small_to_stratify_fails_before_spark(tmp_path, monkeypatch):
+    import medspark.spark
+    from medspark.train import train
+
+    def no_spark(*a, **kw):
+        raise AssertionError("Spark was started for a dataset that the listing already shows cannot be split")
+
+    monkeypatch.setattr(medspark.spark, "session", no_spark)
+    cfg = make_cfg(tmp_path, ["dataset=image_folder", f"dataset.root={make_folder(tmp_path / 'ds', a=8, b=2)}"])
+    with pytest.raises(DatasetError, match="class 'b' has 2 distinct image"):
+        train(cfg)

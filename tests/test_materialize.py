@@ -8,6 +8,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from medspark.data import materialize as mat
+from medspark.data import tasks
 from medspark.data.loader import read_arrays
 from medspark.data.preprocess import PreprocessConfig
 from medspark.data.sources import list_images
@@ -137,3 +138,44 @@ def test_finished_dataset_is_reused_and_partial_one_rebuilt(spark, tmp_path):
     Image.fromarray(np.zeros((20, 20), np.uint8)).save(src / "a" / "0.png")
     os.utime(src / "a" / "0.png", ns=(1, 1))
     assert mat.fingerprint(listing, PRE, SPLIT) != first.fingerprint
+
+
+def test_each_task_writes_one_complete_file_and_petastorm_indexes_it(spark, tmp_path):
+    """The executors write Parquet themselves (temporary name, then rename): the splits hold only finished
+    part files, Petastorm's row-group index matches the files, and a task retried after a crash (same chunk
+    written twice, the second attempt renaming over the first) leaves the rows exactly once."""
+    import json
+
+    import pyarrow.parquet as pq
+    from PIL import Image
+    from petastorm.etl.dataset_metadata import ROW_GROUPS_PER_FILE_KEY
+    from petastorm.fs_utils import FilesystemResolver
+
+    for cls in ("a", "b"):
+        (tmp_path / "ds" / cls).mkdir(parents=True)
+        for i in range(40):
+            Image.fromarray(np.full((24, 24), 3 * i + (cls == "b") * 128, np.uint8)).save(
+                tmp_path / "ds" / cls / f"{i}.png")
+    listing = listing_of(tmp_path / "ds")
+    m = mat.materialize(spark, listing, PRE, SPLIT, str(tmp_path / "data"), "parts", row_group_size_mb=1)
+    check_accounting(m, listing)
+    for split, n in m.sizes.items():
+        folder = tmp_path / "data" / "parts" / m.fingerprint / split
+        names = sorted(os.listdir(folder))
+        parts = [f for f in names if f.startswith("part-")]
+        assert parts and set(names) == set(parts) | {"_common_metadata"}, f"leftovers in {split}: {names}"
+        index = json.loads(pq.read_schema(folder / "_common_metadata").metadata[ROW_GROUPS_PER_FILE_KEY])
+        assert index == {f: pq.ParquetFile(folder / f).num_row_groups for f in parts}
+        assert sum(pq.ParquetFile(folder / f).metadata.num_rows for f in parts) == n == len(read_arrays(
+            m.split_url(split))[1])
+    # A retried task: the same chunk written again (as Spark does after losing an executor) replaces its file.
+    folder = tmp_path / "data" / "parts" / m.fingerprint / "train"
+    part = sorted(f for f in os.listdir(folder) if f.startswith("part-"))[0]
+    rows = pq.read_table(folder / part, columns=["path", "label", "sha1"]).to_pylist()
+    index = int(part.split("-")[1].split(".")[0])
+    resolver = FilesystemResolver(m.url)
+    tasks.write_chunk((index, [(r["path"], r["label"], "train", r["sha1"]) for r in rows]), PRE,
+                      resolver.get_dataset_path(), resolver.filesystem_factory(), 100)
+    assert all(f.startswith("part-") or f == "_common_metadata" for f in os.listdir(folder)), os.listdir(folder)
+    assert pq.read_table(folder / part).num_rows == len(rows)
+    assert len(read_arrays(m.split_url("train"))[1]) == m.sizes["train"]

@@ -52,7 +52,7 @@ def test_mlproject_entry_points_and_parameters():
     spec = yaml.safe_load((REPO / "MLproject").read_text())
     assert spec["conda_env"] == "conda.yaml" and (REPO / "conda.yaml").is_file()
     eps = spec["entry_points"]
-    assert set(eps) >= {"main", "preprocess", "predict", "benchmark"}
+    assert set(eps) >= {"main", "preprocess", "predict", "benchmark", "bench_preprocess", "bench_loader"}
     assert set(eps["predict"]["parameters"]) == {"model", "input", "output"}
     assert "python -m medspark predict model={model} input={input} output={output}" == eps["predict"]["command"]
     assert set(eps["benchmark"]["parameters"]) == {"epochs", "backends"}

@@ -130,3 +130,46 @@ def test_content_hash_ignores_names(tmp_path):
 def test_bad_settings_name_the_key(kw, key):
     with pytest.raises(ValueError, match=f"preprocess.{key}"):
         PreprocessConfig(**kw)
+
+
+def header_only_png(side: int) -> bytes:
+    """A PNG declaring side x side grey pixels, with no pixel data: only the header can be judged."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0))
+            + chunk(b"IEND", b""))
+
+
+def test_max_pixels_is_the_limit_not_pillows_warning():
+    """9500 x 9500 = 90.25 M pixels: over Pillow's warning threshold (89.5 M), under preprocess.max_pixels (100 M).
+    The setting decides: the header passes (the missing data is what fails), and a lower setting rejects it."""
+    data = header_only_png(9500)
+    with pytest.raises(Rejected) as e:
+        decode(data, CFG)
+    assert "too large" not in str(e.value) and "corrupt or truncated" in str(e.value)
+    with pytest.raises(Rejected, match=r"too large: declared 9500x9500 exceeds preprocess\.max_pixels=50000000"):
+        decode(data, PreprocessConfig(image_size=32, max_pixels=50_000_000))
+
+
+def test_pillows_hard_limit_is_reported_in_terms_of_the_setting():
+    with pytest.raises(Rejected, match=r"too large: declared 2500000000 pixels exceeds preprocess\.max_pixels=100000000"):
+        decode(header_only_png(50_000), CFG)
+    with pytest.raises(Rejected, match=r"exceeds Pillow's hard limit of \d+ .*preprocess\.max_pixels=5000000000 cannot"):
+        decode(header_only_png(50_000), PreprocessConfig(image_size=32, max_pixels=5_000_000_000))
+
+
+def test_only_regular_files_are_read(tmp_path):
+    """A named pipe would block the reading task forever, a device never end: refused by their kind."""
+    os.mkfifo(tmp_path / "pipe.jpg")
+    with pytest.raises(Rejected, match="not a regular file: a named pipe"):
+        read_bytes(str(tmp_path / "pipe.jpg"))
+    (tmp_path / "folder.jpg").mkdir()
+    with pytest.raises(Rejected, match="not a regular file: a directory"):
+        read_bytes(str(tmp_path / "folder.jpg"))
+    (tmp_path / "._scan.jpg").write_bytes(b"\0\5\26\7 AppleDouble")
+    with pytest.raises(Rejected, match="system file"):
+        read_bytes(str(tmp_path / "._scan.jpg"))

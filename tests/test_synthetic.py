@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -148,3 +149,10 @@ def test_lesions_are_where_the_class_puts_them():
     assert gli[centre].sum() > 2 * gli[rim].sum()  # intra-axial: away from the edge
     area = {c: (m > 40).sum((1, 2)).mean() for c, m in maps.items()}
     assert area["pituitary"] < area["meningioma"] and area["pituitary"] < area["glioma"]
+
+
+def test_parallel_generation_writes_the_same_bytes(tmp_path):
+    """Benchmarks generate 50,000 images in several processes: the files must not depend on how many."""
+    assert _bytes(generate(tmp_path / "one", per_class=3, size=SIZE, seed=3)) == \
+        _bytes(generate(tmp_path / "two", per_class=3, size=SIZE, seed=3, workers=2))
+    assert oct(os.stat(tmp_path / "two").st_mode & 0o777) != oct(0o700), "readable by executors of other users"

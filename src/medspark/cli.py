@@ -19,4 +19,4 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(module.main(argv[1:]))
     from .train import main as train_main
 
-    train_main()
+    train_main()  # checks group options (one line for backend=nope), then Hydra reads sys.argv

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -55,3 +56,57 @@ def check(cfg: DictConfig) -> None:
             raise ConfigError(f"train.{key}={t[key]} must be {want}")
     if not str(t.objective).startswith("test_"):
         raise ConfigError(f"train.objective={t.objective} must be a test metric such as test_accuracy or test_macro_f1")
+
+
+NOT_OPTION_GROUPS = ("hydra", "local")  # conf/ folders that are not user-facing choice groups
+
+
+def group_options(group: str) -> list[str]:
+    """The options of a config group: the YAML files in conf/<group>/ (sorted, without the extension)."""
+    return sorted(p.stem for p in (Path(config_dir()) / group).glob("*.yaml"))
+
+
+def option_groups() -> list[str]:
+    return sorted(p.name for p in Path(config_dir()).iterdir() if p.is_dir() and p.name not in NOT_OPTION_GROUPS)
+
+
+def check_overrides(argv) -> None:
+    """Command-line choices of a config group that do not exist (backend=nope, -m model=small_cnn,vgg), as one
+    line naming the group and its options, before Hydra composes (its own report is a dozen lines)."""
+    if any(a.startswith(("--config-dir", "--config-path", "-cd", "-cp")) or "hydra.searchpath" in a for a in argv):
+        return  # options may come from another search path: let Hydra decide
+    words = [a for a in argv if "=" in a and not a.startswith("-")]
+    if not words:
+        return
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import ChoiceSweep
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(words)
+    except Exception:  # a syntax error: Hydra reports it with its own pointer into the text
+        return
+    groups = set(option_groups())
+    for o in parsed:
+        if o.key_or_group not in groups or o.is_delete():
+            continue
+        if o.is_sweep_override():
+            if not isinstance(o.value(), ChoiceSweep):
+                continue  # glob(...), range(...): Hydra expands them against what exists
+            values = list(o.sweep_string_iterator())
+        else:
+            values = [o.value()]
+        for v in values:
+            if v is None or str(v) == "null":
+                continue
+            if not (Path(config_dir()) / o.key_or_group / f"{v}.yaml").is_file():
+                raise ConfigError(f"{o.key_or_group}={v} is not an option of the {o.key_or_group} group; valid: "
+                                  f"{', '.join(group_options(o.key_or_group))}")
+
+
+def exit_on_bad_overrides(argv=None) -> None:
+    """check_overrides for a command's main(): one line on stderr and exit status 2, as for the other checks."""
+    try:
+        check_overrides(sys.argv[1:] if argv is None else argv)
+    except ConfigError as e:
+        print(f"medspark: error: {e}", file=sys.stderr)
+        sys.exit(2)

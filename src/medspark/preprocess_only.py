@@ -12,44 +12,27 @@ from __future__ import annotations
 import json
 import logging
 import sys
-import time
 
 import hydra
 from omegaconf import DictConfig
 
-from . import tracking
-from .config import ConfigError, check, config_dir
+from .config import ConfigError, config_dir, exit_on_bad_overrides
 from .data.sources import DatasetError
-from .train import Timings, _materialize, _tags, data_timings, list_dataset
+from .interrupts import EXIT_CODE as TERMINATED_EXIT, Terminated
+from .train import _tags, data_run
 
 log = logging.getLogger("medspark")
 
 
 def preprocess(cfg: DictConfig, overrides: list[str] | tuple = (), spark=None) -> dict:
     """Materialize the dataset `cfg` describes and return what `summary.json` records."""
-    check(cfg)
-    tracking.configure(cfg.tracking)
-    with tracking.run(cfg.tracking.get("run_name") or f"preprocess-{cfg.dataset.name}",
-                      _tags(cfg, overrides) | {"medspark.stage": "preprocess"}) as run:
+    with data_run(cfg, overrides, spark, run_name=cfg.tracking.get("run_name") or f"preprocess-{cfg.dataset.name}",
+                  tags=_tags(cfg, overrides) | {"medspark.stage": "preprocess"},
+                  app_name=f"medspark-preprocess-{cfg.dataset.name}") as stage:
         import mlflow
 
-        tracking.log_config(cfg, overrides)
-        timings = Timings()
-        with timings("list_seconds"):
-            listing = list_dataset(cfg.dataset)
-        log.info("listed %d files in %d classes %s", len(listing.records), len(listing.classes), listing.counts())
-        from .spark import session
-
-        own_spark = spark is None
-        spark = spark or session(cfg.cluster, app_name=f"medspark-preprocess-{cfg.dataset.name}")
-        try:
-            t0 = time.perf_counter()
-            data = _materialize(cfg, spark, listing)
-            timings.update(data_timings(data, time.perf_counter() - t0))
-        finally:
-            if own_spark:
-                spark.stop()
-        tracking.log_data(data)
+        stage.stop_spark()
+        run, data, timings = stage.run, stage.data, stage.timings
         mlflow.log_metrics(dict(timings))
         summary = {"run_id": run.info.run_id, "experiment_id": run.info.experiment_id, "data_url": data.url,
                    "fingerprint": data.fingerprint, "reused": data.reused, "classes": list(data.classes),
@@ -75,9 +58,13 @@ def _hydra_main(cfg: DictConfig) -> None:
         log.error("%s", e)
         print(f"medspark: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except Terminated as e:  # SIGTERM: the run ended KILLED; an unfinished dataset has no manifest and is rebuilt
+        print(f"medspark: stopped: {e}; the MLflow run ended KILLED", file=sys.stderr)
+        sys.exit(TERMINATED_EXIT)
 
 
 def main() -> None:
+    exit_on_bad_overrides()  # backend=nope: one line naming the group's options, before Hydra composes
     _hydra_main()
 
 

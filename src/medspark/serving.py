@@ -24,7 +24,6 @@ import binascii
 import io
 import json
 import math
-import os
 import shutil
 import tempfile
 from dataclasses import asdict
@@ -34,7 +33,7 @@ import numpy as np
 import pandas as pd
 import mlflow.pyfunc
 
-from .data.preprocess import SYSTEM_FILES, PreprocessConfig, Rejected, decode, read_bytes
+from .data.preprocess import PreprocessConfig, Rejected, decode, is_system_file, read_bytes
 
 FORMAT = "medspark-classifier/1"
 KERAS_ARTIFACT = "keras_model"
@@ -77,7 +76,7 @@ def _image_bytes(value) -> bytes:
 def row_bytes(image, path) -> bytes:
     """One input row -> file bytes, or Rejected with the reason. `image` wins when both are given; a `path`
     alone is read from the local filesystem. System files are refused by name as in training."""
-    if not _missing(path) and os.path.basename(str(path)).lower() in SYSTEM_FILES:
+    if not _missing(path) and is_system_file(str(path)):
         raise Rejected("system file, not an image")
     if not _missing(image):
         return _image_bytes(image)

@@ -54,8 +54,8 @@ class MlflowSweep(Callback):
 
         experiment_id = tracking.configure(config.tracking)
         client = mlflow.MlflowClient()
-        overrides = [str(o) for o in config.hydra.overrides.task]
-        swept = swept_overrides(config)
+        overrides = [tracking.mask_text(str(o)) for o in config.hydra.overrides.task]  # never a secret in clear
+        swept = [tracking.mask_text(o) for o in swept_overrides(config)]
         tags = {"medspark.sweep": "parent", "medspark.sweep.overrides": " ".join(overrides)[:5000],
                 "medspark.sweep.sweeper": str(config.hydra.sweeper.get("_target_", "")),
                 "medspark.sweep.launcher": str(config.hydra.launcher.get("_target_", "")),
@@ -81,7 +81,8 @@ class MlflowSweep(Callback):
         client.log_batch(self.parent_id, params=[
             Param(k, str(v)[:6000]) for k, v in {
                 "sweep_overrides": " ".join(overrides) or "(none)", "sweep_params": " ".join(swept) or "(none)",
-                "sweep_hydra_overrides": " ".join(str(o) for o in config.hydra.overrides.hydra) or "(none)",
+                "sweep_hydra_overrides": tracking.mask_text(" ".join(str(o) for o in config.hydra.overrides.hydra))
+                or "(none)",
                 "objective": self.state["objective"], "direction": self.state["direction"],
                 "launcher": tags["medspark.sweep.launcher"].rsplit(".", 1)[-1],
                 "n_jobs": OmegaConf.select(config, "hydra.launcher.n_jobs", default=1)}.items()])

@@ -9,23 +9,60 @@ import traceback
 from contextlib import contextmanager
 from pathlib import Path
 
+from .interrupts import terminate_raises
+
 log = logging.getLogger(__name__)
-SECRET = re.compile(r"password|passwd|token|secret|key|credential", re.I)  # never logged in clear
+SECRET_WORDS = ("password", "passwd", "token", "secret", "key", "credential")  # in any part of a key
+SECRET = re.compile("|".join(SECRET_WORDS), re.I)  # never logged in clear
 MASK = "***"
 PARAM_MAX = 6000  # MLflow's limit on a param value
 
 
 URL_PASSWORD = re.compile(r"(://[^/:@\s]+:)[^/@\s]+@")  # scheme://user:password@host
+# key=value or key: value in free text (command-line overrides, Hydra dict literals, error messages) whose key
+# contains a secret word: `db.password=x`, `+aws.secret_key=x`, `{spark.hadoop.fs.s3a.secret.key:x}`
+SECRET_ASSIGNMENT = re.compile(
+    r"((?<![\w.\-/@])[+~]{0,2}[\w.\-]*(?:" + "|".join(SECRET_WORDS) + r")[\w.\-]*)(\s*[=:]\s*)"  # key, = or :
+    r"('[^']*'|\"[^\"]*\"|\{(?:[^{}]|\{[^{}]*\})*\}|\[(?:[^\[\]]|\[[^\[\]]*\])*\]|[^\s,;&}\]'\"]+)",  # value
+    re.I)
+
+
+def is_secret_key(key) -> bool:
+    """A key (dotted path or one name) of which any part contains password/token/secret/key/credential."""
+    return bool(SECRET.search(str(key)))
+
+
+def mask_text(text: str) -> str:
+    """Free text with the password of every user:password@host URL and every secret-looking key=value masked."""
+    def assignment(m):  # not an exception's name and message: "KeyError: 'x'"
+        if ":" in m.group(2) and re.search(r"(Error|Exception|Warning)$", m.group(1)):
+            return m.group(0)
+        return m.group(1) + m.group(2) + MASK
+
+    return SECRET_ASSIGNMENT.sub(assignment, URL_PASSWORD.sub(rf"\1{MASK}@", text))
+
+
+def _mask_value(key, value):
+    if is_secret_key(key) and value not in (None, ""):
+        return MASK
+    if isinstance(value, str):
+        return mask_text(value)
+    if isinstance(value, dict):
+        return mask_nested(value)
+    if isinstance(value, (list, tuple)):
+        return [_mask_value("", v) for v in value]
+    return value
 
 
 def mask_secrets(flat: dict) -> dict:
-    """Secret-looking keys are masked; so is the password of any user:password@host URL in a value."""
-    def clean(k, v):
-        if SECRET.search(k.rsplit(".", 1)[-1]) and v not in (None, ""):
-            return MASK
-        return URL_PASSWORD.sub(rf"\1{MASK}@", v) if isinstance(v, str) else v
+    """Secret-looking keys (any part of the dotted key) are masked; so is the password of any
+    user:password@host URL and any secret-looking key=value in a value, nested lists and dicts included."""
+    return {k: _mask_value(k, v) for k, v in flat.items()}
 
-    return {k: clean(k, v) for k, v in flat.items()}
+
+def mask_nested(d: dict) -> dict:
+    """mask_secrets for a nested config (the resolved YAML): a secret-looking key hides its whole value."""
+    return {k: _mask_value(k, v) for k, v in d.items()}
 
 
 def flatten(d, prefix: str = "") -> dict:
@@ -108,7 +145,8 @@ PARENT_RUN_ENV = "MEDSPARK_PARENT_RUN_ID"  # set by medspark.sweep (and benchmar
 
 @contextmanager
 def run(run_name: str | None = None, tags: dict | None = None):
-    """An MLflow run that always ends: FINISHED, or FAILED with the error and traceback recorded on it.
+    """An MLflow run that always ends: FINISHED, or FAILED with the error and traceback recorded on it, or KILLED
+    (Ctrl-C, or SIGTERM: see medspark.interrupts) with the reason recorded alike.
 
     Launched by `mlflow run` (it sets MLFLOW_RUN_ID): this *is* that run, not a second one, and it stays in the
     experiment `mlflow run` put it in (its --experiment-name/--experiment-id, else MLflow's default).
@@ -116,7 +154,7 @@ def run(run_name: str | None = None, tags: dict | None = None):
     (tag mlflow.parentRunId), in the parent's experiment so that the UI nests it."""
     import mlflow
 
-    tags = dict(tags or {})
+    tags = {k: mask_text(str(v)) for k, v in (tags or {}).items()}  # e.g. medspark.overrides: the command line
     launched = os.environ.get("MLFLOW_RUN_ID")  # mlflow.start_run() resumes it (and removes it from os.environ)
     parent = os.environ.get(PARENT_RUN_ENV)
     if launched:
@@ -128,11 +166,12 @@ def run(run_name: str | None = None, tags: dict | None = None):
         tags.setdefault("medspark.job", _hydra_job_num())  # the sweep summary's row order
     active = mlflow.start_run(run_name=run_name, tags=tags)
     try:
-        yield active
+        with terminate_raises():  # SIGTERM raises Terminated (a KeyboardInterrupt): KILLED, not RUNNING forever
+            yield active
     except BaseException as e:
         try:
-            mlflow.set_tags({"error": f"{type(e).__name__}: {e}"[:5000], "error_type": type(e).__name__})
-            mlflow.log_text("".join(traceback.format_exception(e)), "error/traceback.txt")
+            mlflow.set_tags({"error": mask_text(f"{type(e).__name__}: {e}")[:5000], "error_type": type(e).__name__})
+            mlflow.log_text(mask_text("".join(traceback.format_exception(e))), "error/traceback.txt")
         finally:
             mlflow.end_run("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
         raise
@@ -169,7 +208,7 @@ def use_experiment_of(run_id: str, why: str) -> None:
 def log_params(params: dict) -> None:
     import mlflow
 
-    clean = {k: str(v)[:PARAM_MAX] for k, v in mask_secrets(params).items()}
+    clean = {k: mask_text(str(v))[:PARAM_MAX] for k, v in mask_secrets(params).items()}
     items = sorted(clean.items())
     for i in range(0, len(items), 100):  # MLflow takes at most 100 params a call
         mlflow.log_params(dict(items[i:i + 100]))
@@ -181,16 +220,11 @@ def log_config(cfg, overrides) -> None:
     from omegaconf import OmegaConf
 
     log_params(flatten(OmegaConf.to_container(cfg, resolve=True)))
-    joined = " ".join(overrides)[:PARAM_MAX] or "(none)"
+    joined = mask_text(" ".join(overrides))[:PARAM_MAX] or "(none)"
     given = mlflow.active_run().data.params.get("overrides")  # `mlflow run -P overrides=...` logged it already
     mlflow.log_param("overrides" if given is None else "hydra_overrides", joined)  # params cannot change
     masked = OmegaConf.create(mask_nested(OmegaConf.to_container(cfg, resolve=True)))
     mlflow.log_text(OmegaConf.to_yaml(masked), "config/resolved.yaml")
-
-
-def mask_nested(d):
-    return {k: (mask_nested(v) if isinstance(v, dict) else
-                (MASK if SECRET.search(str(k)) and v not in (None, "") else v)) for k, v in d.items()}
 
 
 def log_data(data) -> None:
@@ -199,7 +233,7 @@ def log_data(data) -> None:
     from .data.materialize import rejected_csv
 
     mlflow.log_metrics(data.summary())
-    mlflow.log_params({"data_url": data.url, "data_fingerprint": data.fingerprint, "classes": ",".join(data.classes)})
+    log_params({"data_url": data.url, "data_fingerprint": data.fingerprint, "classes": ",".join(data.classes)})
     mlflow.log_text(rejected_csv(data.rejected), "data/rejected.csv")
     mlflow.log_dict({"sizes": data.sizes, "per_class": data.per_class, "reused": data.reused, "seconds": data.seconds,
                      "duplicate_groups": data.duplicate_groups, "duplicate_files": data.duplicate_files,
@@ -210,13 +244,24 @@ def log_data(data) -> None:
         log.info("reused the materialized dataset at %s", data.url)
 
 
+def log_listing(listing) -> None:
+    """The files under dataset.root that are not inputs (outside the class folders, folders that are not classes,
+    symlink loops, unreadable folders), with the reason each is not: `data/ignored.csv` and `data_ignored`. With
+    data/rejected.csv, every file under the root is accounted for."""
+    import mlflow
+    from .data.materialize import rejected_csv
+
+    mlflow.log_metric("data_ignored", len(listing.ignored))
+    mlflow.log_text(rejected_csv(listing.ignored), "data/ignored.csv")
+
+
 def log_training(result) -> None:
     """Per-epoch curves and what the backend reports about itself (workers, batch, its own metrics)."""
     import mlflow
 
-    log_history(result.history, result.epoch_seconds)
-    mlflow.log_params({f"backend_{k}": v for k, v in result.params.items()} |
-                      {"workers": result.workers, "global_batch_size": result.global_batch_size})
+    log_history(result.history, result.epoch_seconds, first_epoch=getattr(result, "resumed_epochs", 0))
+    log_params({f"backend_{k}": v for k, v in result.params.items()} |
+               {"workers": result.workers, "global_batch_size": result.global_batch_size})
     mlflow.log_metrics(result.metrics | {"epochs_run": len(result.epoch_seconds)})
 
 
@@ -262,8 +307,10 @@ def log_speedup(result, backend: str, key: str, measured=None) -> dict:
     return out
 
 
-def log_history(history: dict, epoch_seconds: list[float]) -> None:
-    """Per-epoch curves, step = epoch index (0-based, as Keras counts)."""
+def log_history(history: dict, epoch_seconds: list[float], first_epoch: int = 0) -> None:
+    """Per-epoch curves, step = epoch index (0-based, as Keras counts). A resumed training's history covers every
+    epoch (those before the interruption come from its checkpoint); `epoch_seconds` only the epochs this run
+    trained, from `first_epoch` on."""
     import mlflow
     from mlflow.entities import Metric
     import time
@@ -271,7 +318,7 @@ def log_history(history: dict, epoch_seconds: list[float]) -> None:
     now = int(time.time() * 1000)
     metrics = [Metric(f"epoch_{k}" if k in ("learning_rate",) else k, float(v), now, step)
                for k, vals in history.items() for step, v in enumerate(vals)]
-    metrics += [Metric("epoch_seconds", float(v), now, step) for step, v in enumerate(epoch_seconds)]
+    metrics += [Metric("epoch_seconds", float(v), now, step) for step, v in enumerate(epoch_seconds, first_epoch)]
     client = mlflow.tracking.MlflowClient()
     run_id = mlflow.active_run().info.run_id
     for i in range(0, len(metrics), 1000):
@@ -316,7 +363,7 @@ def model_uri(info, registered_name: str | None) -> str:
 
 
 def store_uri_for_ui(uri: str) -> str:
-    return f"mlflow ui --backend-store-uri {uri}" if uri else "mlflow ui"
+    return f"mlflow ui --backend-store-uri {mask_text(uri)}" if uri else "mlflow ui"  # printed: no password
 
 
 def disable_autologging_noise() -> None:

@@ -12,17 +12,21 @@ import sys
 import tempfile
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import hydra
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from . import registry, tracking
-from .config import ConfigError, check, config_dir, project_root
+from . import registry, resume, tracking
+from .config import ConfigError, check, config_dir, exit_on_bad_overrides, project_root
 from .data import loader, materialize as mat
 from .data.preprocess import PreprocessConfig
-from .data.sources import DatasetError, list_images
+from .data.splits import check_listing
+from .data.sources import DatasetError, Listing, list_images
+from .interrupts import EXIT_CODE as TERMINATED_EXIT, Terminated
 
 log = logging.getLogger("medspark")
 
@@ -39,35 +43,22 @@ def list_dataset(dcfg):
 
 def train(cfg: DictConfig, overrides: list[str] | tuple = (), spark=None) -> float:
     """Run one training job end to end and return the objective metric (for sweepers)."""
-    check(cfg)
-    tracking.configure(cfg.tracking)
-    with tracking.run(cfg.tracking.get("run_name") or f"{cfg.model.name}-{_backend_name(cfg)}",
-                      _tags(cfg, overrides)) as run, tempfile.TemporaryDirectory(prefix="medspark-") as tmp:
+    resume.check(cfg)
+    with data_run(cfg, overrides, spark, run_name=cfg.tracking.get("run_name") or
+                  f"{cfg.model.name}-{_backend_name(cfg)}", tags=_tags(cfg, overrides),
+                  app_name=f"medspark-{cfg.dataset.name}") as stage, \
+            tempfile.TemporaryDirectory(prefix="medspark-") as tmp:
         import mlflow
 
-        tracking.log_config(cfg, overrides)
-        timings = Timings()
-        with timings("list_seconds"):
-            listing = list_dataset(cfg.dataset)
-        log.info("listed %d files in %d classes %s", len(listing.records), len(listing.classes), listing.counts())
-        from .spark import session
-
-        own_spark = spark is None
-        spark = spark or session(cfg.cluster, app_name=f"medspark-{cfg.dataset.name}")
-        try:
-            t0 = time.perf_counter()
-            data = _materialize(cfg, spark, listing)
-            timings.update(data_timings(data, time.perf_counter() - t0))
-            tracking.log_data(data)
-            result = _fit(cfg, spark, data)
-            baseline = None
-            if cfg.train.get("measure_baseline") and _backend_name(cfg) != "single":
-                log.info("train.measure_baseline=true: training the `single` baseline on the same data")
-                baseline = _fit(cfg, spark, data, backend_cfg=OmegaConf.create({"name": "single", "_target_":
-                                                                                "medspark.backends.single.Single"}))
-        finally:
-            if own_spark:
-                spark.stop()
+        run, data, timings = stage.run, stage.data, stage.timings
+        checkpoint = resume.prepare(cfg, data, run.info.run_id)  # train.resume: see medspark.resume
+        result = _fit(cfg, stage.spark, data, checkpoint=checkpoint)
+        baseline = None
+        if cfg.train.get("measure_baseline") and _backend_name(cfg) != "single":
+            log.info("train.measure_baseline=true: training the `single` baseline on the same data")
+            baseline = _fit(cfg, stage.spark, data, backend_cfg=OmegaConf.create({
+                "name": "single", "_target_": "medspark.backends.single.Single"}))
+        stage.stop_spark()
         timings.update(train_seconds=result.train_seconds, train_images_per_second=result.images_per_second)
         tracking.log_training(result)
         key = tracking.baseline_key(data.fingerprint, OmegaConf.to_container(cfg.model, resolve=True), cfg.train.epochs)
@@ -100,6 +91,55 @@ def train(cfg: DictConfig, overrides: list[str] | tuple = (), spark=None) -> flo
     return objective
 
 
+@dataclass
+class DataStage:
+    """What `data_run` yields: the MLflow run, the listing, the materialized splits, the Spark session and the
+    timings so far (list_seconds, preprocess/materialize_seconds)."""
+    run: Any
+    listing: Listing
+    data: mat.Materialized | None
+    spark: Any
+    timings: "Timings"
+    own_spark: bool = False
+
+    def stop_spark(self) -> None:
+        """Stop the session when data_run started it (idempotent; a session passed in is left running)."""
+        if self.own_spark and self.spark is not None:
+            self.spark.stop()
+        self.spark = None
+
+
+@contextmanager
+def data_run(cfg: DictConfig, overrides=(), spark=None, *, run_name: str, tags: dict, app_name: str):
+    """The opening every entry point shares (training, `preprocess_only`): check the config, point MLflow at the
+    store, start the run (ended FINISHED, FAILED or KILLED by tracking.run) with the resolved config, list the
+    dataset, and materialize it on Spark: `spark`, or a session of `cfg.cluster` started here and stopped on
+    leaving (or earlier, `stage.stop_spark()`). Yields a DataStage."""
+    check(cfg)
+    tracking.configure(cfg.tracking)
+    with tracking.run(run_name, tags) as run:
+        resume.end_dead_runs(run.info.run_id)  # RUNNING runs of this experiment whose process was SIGKILLed
+        tracking.log_config(cfg, overrides)
+        timings = Timings()
+        with timings("list_seconds"):
+            listing = list_dataset(cfg.dataset)
+        log.info("listed %d files in %d classes %s", len(listing.records), len(listing.classes), listing.counts())
+        tracking.log_listing(listing)  # data/ignored.csv: recorded even when a check below fails the run
+        check_listing(listing, float(cfg.split.val), float(cfg.split.test))  # before Spark starts
+        from .spark import session
+
+        stage = DataStage(run, listing, None, spark or session(cfg.cluster, app_name=app_name), timings,
+                          own_spark=spark is None)
+        try:
+            t0 = time.perf_counter()
+            stage.data = _materialize(cfg, stage.spark, listing)
+            timings.update(data_timings(stage.data, time.perf_counter() - t0))
+            tracking.log_data(stage.data)
+            yield stage
+        finally:
+            stage.stop_spark()
+
+
 class Timings(dict):
     """Named wall times: `with timings("x_seconds"): ...`."""
 
@@ -119,7 +159,8 @@ def _backend_name(cfg) -> str:
 def _tags(cfg, overrides) -> dict:
     tags = {"medspark.model": cfg.model.name, "medspark.backend": _backend_name(cfg),
             "medspark.cluster": cfg.cluster.name, "medspark.dataset": cfg.dataset.name,
-            "medspark.overrides": " ".join(overrides)[:5000]}
+            "medspark.overrides": " ".join(overrides)[:5000],
+            resume.PROCESS_TAG: resume.process_id()}  # host:pid:start, so a later run can tell this one died
     commit = tracking.git_commit(project_root())
     if commit:
         tags["mlflow.source.git.commit"] = commit
@@ -140,6 +181,11 @@ def _materialize(cfg, spark, listing) -> mat.Materialized:
     return data
 
 
+def data_lock_path(cfg) -> Path:
+    """The lock file `_data_lock` holds while a dataset of `cfg.dataset.name` is looked up or written."""
+    return Path(cfg.paths.work_dir) / "locks" / f"materialize-{cfg.dataset.name}.lock"
+
+
 @contextmanager
 def _data_lock(cfg):
     """Jobs of a parallel sweep (hydra/launcher=parallel) start together and would all write the same new
@@ -147,7 +193,7 @@ def _data_lock(cfg):
     lock in the local work dir, so it covers the jobs of one machine, which is where a joblib sweep runs."""
     import fcntl
 
-    path = Path(cfg.paths.work_dir) / "locks" / f"materialize-{cfg.dataset.name}.lock"
+    path = data_lock_path(cfg)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as f:
         fcntl.flock(f, fcntl.LOCK_EX)  # released when the file closes, also when the process dies
@@ -165,13 +211,13 @@ def data_timings(data: mat.Materialized, wall: float) -> dict[str, float]:
     return out
 
 
-def _fit(cfg, spark, data, backend_cfg=None):
+def _fit(cfg, spark, data, backend_cfg=None, checkpoint=None):
     from .backends import build
     from .backends.base import TrainJob
 
     backend = build(backend_cfg or cfg.backend)
     return backend.fit(TrainJob(
-        data=data, train=cfg.train, spark=spark, seed=int(cfg.seed),
+        data=data, train=cfg.train, spark=spark, seed=int(cfg.seed), checkpoint=checkpoint,
         build_model=lambda **overrides: instantiate(cfg.model, input_shape=data.shape, num_classes=len(data.classes),
                                                     **overrides)))
 
@@ -213,9 +259,15 @@ def _hydra_main(cfg: DictConfig) -> float:
         log.error("%s", e)
         print(f"medspark: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except Terminated as e:  # SIGTERM: the run ended KILLED; the checkpoint of the last completed epoch is kept
+        hint = (" The same command with train.resume=true continues from the last completed epoch."
+                if resume.supports(cfg.backend) else "")
+        print(f"medspark: stopped: {e}; the MLflow run ended KILLED.{hint}", file=sys.stderr)
+        sys.exit(TERMINATED_EXIT)
 
 
 def main() -> None:
+    exit_on_bad_overrides()  # backend=nope: one line naming the group's options, before Hydra composes
     _hydra_main()
 
 

@@ -7,7 +7,6 @@ which dataset it trains on, and the entrypoint never knows how the backend paral
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
@@ -16,6 +15,7 @@ from ..config import ConfigError
 from ..data import loader
 from ..data.loader import Augment
 from ..data.materialize import Materialized
+from . import schedule
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +27,7 @@ class TrainJob:
     train: Any  # the `train` config group (DictConfig or dict)
     spark: Any = None  # the SparkSession, for backends that train on executors
     seed: int = 0
+    checkpoint: "Checkpoint | None" = None  # per-epoch backup for resuming (backends with supports_resume only)
 
     @property
     def augment(self) -> Augment:
@@ -62,6 +63,7 @@ class TrainResult:
     global_batch_size: int = 0
     params: dict[str, Any] = field(default_factory=dict)  # backend-specific, logged as MLflow params
     metrics: dict[str, float] = field(default_factory=dict)  # backend-specific, logged as MLflow metrics
+    resumed_epochs: int = 0  # epochs restored from a checkpoint; `history` covers them, `epoch_seconds` does not
 
     @property
     def images_per_second(self) -> float:
@@ -112,8 +114,9 @@ class EpochTimer:
         return _Timer()
 
 
-def callbacks(train, steps_per_epoch: int) -> list:
-    """Early stopping that restores the best weights, and the learning-rate schedule from config."""
+def callbacks(train, steps_per_epoch: int, checkpoint: "Checkpoint | None" = None) -> list:
+    """Early stopping that restores the best weights, the learning-rate schedule from config, and with a
+    checkpoint the per-epoch backup that lets a killed run resume (last: it records what the others logged)."""
     import keras
 
     out = []
@@ -121,17 +124,129 @@ def callbacks(train, steps_per_epoch: int) -> list:
     if es.get("patience"):
         out.append(keras.callbacks.EarlyStopping(monitor=es.get("monitor", "val_loss"), patience=int(es.patience),
                                                  restore_best_weights=True, verbose=1))
-    schedule = train.get("lr_schedule", "none")
-    if schedule == "plateau":
-        out.append(keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5, patience=2, min_lr=1e-6,
-                                                     verbose=1))
-    elif schedule == "cosine":
-        epochs, lr = int(train.epochs), float(train.lr)
-        out.append(keras.callbacks.LearningRateScheduler(
-            lambda e: 0.5 * lr * (1 + math.cos(math.pi * e / max(1, epochs)))))
-    elif schedule != "none":
-        raise ValueError(f"train.lr_schedule={schedule!r} must be one of none, plateau, cosine")
+    out += schedule.keras_callbacks(train)  # cosine / plateau, defined once in schedule.py (elephas_sync uses it too)
+    if checkpoint is not None:
+        out.append(checkpoint.callback(others=list(out)))
     return out
+
+
+# ---------------------------------------------------------------- checkpoints (train.resume, see medspark.resume)
+
+@dataclass
+class Checkpoint:
+    """Where a backend that trains with `model.fit` backs up its training at the end of every epoch, so that a
+    killed run can go on from there (train.resume=true). Made by medspark.resume.prepare; `callbacks` adds it.
+
+    `<directory>/backup/`: Keras BackupAndRestore (model weights, optimizer state, epoch), two generations, so
+    a backup cut in half falls back to the one before. `<directory>/medspark.json`: the run and process that
+    own it, and the per-epoch history so far (Keras keeps none). Both are written at every epoch's end as one
+    step that a SIGTERM does not cut (medspark.interrupts.deferred), and removed when `fit` ends normally."""
+    directory: str  # a local path, or a URL TensorFlow's file system knows (hdfs://, gs://)
+    owner: dict[str, Any]  # recorded in medspark.json: run_id, process, key
+    history: dict[str, list[float]] = field(default_factory=dict)  # per epoch, from the first (restored ones too)
+    on_resumed: Callable[[int], None] | None = None  # called once, with the number of epochs restored (> 0)
+    on_epoch: Callable[[int], None] | None = None  # called with the number of epochs completed
+    resumed_epochs: int = 0  # epochs the backup restored (set when fit starts)
+
+    STATE = "medspark.json"
+    BACKUP = "backup"
+
+    def callback(self, others: list):
+        """The Keras callback (a BackupAndRestore). `others`: the fit's other callbacks, whose learning-rate
+        schedule state is replayed from the history on resuming."""
+        import keras
+
+        from ..interrupts import deferred
+
+        ckpt = self
+
+        class _Backup(keras.callbacks.BackupAndRestore):
+            def on_train_begin(self, logs=None):
+                super().on_train_begin(logs)  # restores weights + optimizer, sets the epoch fit starts from
+                ckpt._restored(int(getattr(self.model, "_initial_epoch", None) or 0), others)
+
+            def on_epoch_end(self, epoch, logs=None):
+                with deferred():  # history, backup and MLflow tag agree, whenever a SIGTERM comes
+                    ckpt._record(epoch, logs or {})  # the history first: it may run ahead of the backup, never behind
+                    super().on_epoch_end(epoch, logs)  # the Keras backup of this epoch
+                    if ckpt.on_epoch:
+                        ckpt.on_epoch(epoch + 1)
+                    ckpt._save(epoch + 1)  # epochs_completed last: it never runs ahead of the backup
+
+            def on_train_end(self, logs=None):
+                super().on_train_end(logs)  # deletes the backup
+                ckpt.remove()
+
+        return _Backup(backup_dir=f"{self.directory}/{self.BACKUP}", double_checkpoint=True)
+
+    def _restored(self, epochs: int, others: list) -> None:
+        self.resumed_epochs = epochs
+        self.history = {k: v[:epochs] for k, v in self.history.items()}
+        if not epochs:
+            self.history = {}
+            return
+        log.info("resuming from the checkpoint in %s: %d epoch(s) done, training from epoch %d", self.directory,
+                 epochs, epochs + 1)
+        for cb in others:  # e.g. lr_schedule=plateau: its best/wait/rate follow from the val_loss history
+            state = getattr(cb, "schedule", None)
+            if isinstance(state, schedule.LrSchedule):
+                for i in range(epochs):
+                    state.lr_for(i)
+                    state.end_epoch({k: v[i] for k, v in self.history.items() if len(v) > i})
+        if self.on_resumed:
+            self.on_resumed(epochs)
+
+    def _record(self, epoch: int, logs: dict) -> None:
+        for k, v in logs.items():
+            try:
+                value = float(v)
+            except (TypeError, ValueError):
+                continue
+            vals = self.history.setdefault(k, [])
+            del vals[epoch:]
+            vals.append(value)
+        self._save(epoch)
+
+    def _save(self, epochs_completed: int) -> None:
+        write_checkpoint_state(self.directory, {**self.owner, "epochs_completed": epochs_completed,
+                                                "history": self.history,
+                                                "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+
+    def remove(self) -> None:
+        import tensorflow as tf
+
+        if tf.io.gfile.exists(self.directory):
+            tf.io.gfile.rmtree(self.directory)
+
+
+def read_checkpoint_state(directory: str) -> dict | None:
+    """The medspark.json of a checkpoint folder, or None (absent or unreadable)."""
+    import json
+
+    import tensorflow as tf
+
+    path = f"{directory}/{Checkpoint.STATE}"
+    try:
+        if not tf.io.gfile.exists(path):
+            return None
+        with tf.io.gfile.GFile(path, "r") as f:
+            return json.loads(f.read())
+    except Exception as e:  # a torn or foreign file: treated as no checkpoint
+        log.warning("ignoring unreadable checkpoint state %s: %s", path, e)
+        return None
+
+
+def write_checkpoint_state(directory: str, state: dict) -> None:
+    """medspark.json, replaced whole (written beside it, then renamed over it)."""
+    import json
+
+    import tensorflow as tf
+
+    tf.io.gfile.makedirs(directory)
+    path = f"{directory}/{Checkpoint.STATE}"
+    with tf.io.gfile.GFile(path + ".tmp", "w") as f:
+        f.write(json.dumps(state))
+    tf.io.gfile.rename(path + ".tmp", path, overwrite=True)
 
 
 def recalibrate_batchnorm(model, dataset, batches: int = 50) -> int:

@@ -10,13 +10,13 @@ Not applied here: augmentation (Elephas workers fit on in-memory arrays) and cla
 from __future__ import annotations
 
 import logging
-import math
 import time
 
 import numpy as np
 
 from ..data import loader
 from .base import BackendError, TrainJob, TrainResult, compile_model, task_slots
+from .schedule import LrSchedule
 
 log = logging.getLogger(__name__)
 
@@ -37,31 +37,30 @@ def partitions_for(job: TrainJob, workers: int | None, backend: str) -> int:
 
 
 class Schedule:
-    """The `train` config's learning-rate schedule and early stopping, for loops that are not `model.fit`."""
+    """Early stopping (as keras EarlyStopping(restore_best_weights=True)) and the learning-rate schedule (the
+    shared schedule.LrSchedule, the same rule model.fit backends use) for loops that are not `model.fit`."""
 
     def __init__(self, train):
-        self.base_lr, self.epochs = float(train.lr), int(train.epochs)
-        self.kind = train.get("lr_schedule", "none")
+        self.rates = LrSchedule(train)
         es = train.get("early_stopping") or {}
         self.monitor, self.patience = es.get("monitor", "val_loss"), int(es.get("patience") or 0)
-        self.lr, self.best, self.best_epoch, self.best_weights, self._since_lr_cut = self.base_lr, None, -1, None, 0
+        self.best, self.best_epoch, self.best_weights = None, -1, None
+
+    @property
+    def lr(self) -> float:
+        return self.rates.lr
 
     def lr_for(self, epoch: int) -> float:
-        if self.kind == "cosine":
-            self.lr = 0.5 * self.base_lr * (1 + math.cos(math.pi * epoch / max(1, self.epochs)))
-        return self.lr
+        return self.rates.lr_for(epoch)
 
     def end_epoch(self, epoch: int, logs: dict, weights) -> bool:
         """Record the epoch; True when training should stop (no improvement for `patience` epochs)."""
+        self.rates.end_epoch(logs)
         value = logs.get(self.monitor)
         better = value is not None and (self.best is None or (value > self.best if "acc" in self.monitor
                                                               else value < self.best))
         if better:
-            self.best, self.best_epoch, self.best_weights, self._since_lr_cut = value, epoch, weights, 0
-        elif self.kind == "plateau":  # as keras ReduceLROnPlateau(factor=0.5, patience=2)
-            self._since_lr_cut += 1
-            if self._since_lr_cut >= 2:
-                self.lr, self._since_lr_cut = max(self.lr * 0.5, 1e-6), 0
+            self.best, self.best_epoch, self.best_weights = value, epoch, weights
         return bool(self.patience) and epoch - self.best_epoch >= self.patience
 
 

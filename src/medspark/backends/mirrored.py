@@ -43,6 +43,7 @@ def devices(gpus: int | None, cpu_replicas: int) -> list[str]:
 
 class Mirrored:
     name = "mirrored"
+    supports_resume = True  # model.fit with base.Checkpoint: train.resume=true continues a killed run
 
     def __init__(self, gpus: int | None = None, cpu_replicas: int = 2, per_replica_batch: int | None = None):
         self.gpus, self.cpu_replicas, self.per_replica_batch = gpus, cpu_replicas, per_replica_batch
@@ -64,11 +65,14 @@ class Mirrored:
         start = time.perf_counter()
         hist = model.fit(job.dataset("train", True, bs),
                          validation_data=job.dataset("val", False, bs) if d.sizes["val"] else None,
-                         epochs=int(t.epochs), callbacks=[timer, *callbacks(t, math.ceil(d.sizes["train"] / bs))],
+                         epochs=int(t.epochs),
+                         callbacks=[timer, *callbacks(t, math.ceil(d.sizes["train"] / bs), job.checkpoint)],
                          class_weight=job.class_weight(), shuffle=False, verbose=t.get("verbose", 2))
         seconds = time.perf_counter() - start
         plain = job.build_model()  # the same weights outside the strategy: predicts, saves and loads like any model
         plain.set_weights(model.get_weights())
-        return TrainResult(plain, history_dict(hist), timer.seconds, seconds, d.sizes["train"] * len(timer.seconds),
-                           workers=replicas, global_batch_size=bs,
-                           params={"devices": ",".join(strategy.extended.worker_devices)})
+        ckpt = job.checkpoint  # resumed: its history also holds the epochs trained before the interruption
+        return TrainResult(plain, ckpt.history if ckpt else history_dict(hist), timer.seconds, seconds,
+                           d.sizes["train"] * len(timer.seconds), workers=replicas, global_batch_size=bs,
+                           params={"devices": ",".join(strategy.extended.worker_devices)},
+                           resumed_epochs=ckpt.resumed_epochs if ckpt else 0)

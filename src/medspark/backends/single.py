@@ -12,6 +12,7 @@ log = logging.getLogger(__name__)
 
 class Single:
     name = "single"
+    supports_resume = True  # model.fit with base.Checkpoint: train.resume=true continues a killed run
 
     def __init__(self, intra_op_threads: int | None = None, inter_op_threads: int | None = None,
                  reader_pool: str = "dummy", reader_workers: int = 4):
@@ -44,10 +45,12 @@ class Single:
         steps = math.ceil(d.sizes["train"] / bs)
         start = time.perf_counter()
         hist = model.fit(ds("train", True), validation_data=ds("val", False) if d.sizes["val"] else None,
-                         epochs=int(t.epochs), callbacks=[timer, *callbacks(t, steps)],
+                         epochs=int(t.epochs), callbacks=[timer, *callbacks(t, steps, job.checkpoint)],
                          class_weight=job.class_weight(), shuffle=False,  # the loader shuffles
                          verbose=t.get("verbose", 2))
         seconds = time.perf_counter() - start
         epochs_run = len(timer.seconds)
-        return TrainResult(model, history_dict(hist), timer.seconds, seconds, d.sizes["train"] * epochs_run,
-                           workers=1, global_batch_size=bs)
+        ckpt = job.checkpoint  # resumed: its history also holds the epochs trained before the interruption
+        return TrainResult(model, ckpt.history if ckpt else history_dict(hist), timer.seconds, seconds,
+                           d.sizes["train"] * epochs_run, workers=1, global_batch_size=bs,
+                           resumed_epochs=ckpt.resumed_epochs if ckpt else 0)

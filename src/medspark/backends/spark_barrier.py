@@ -27,6 +27,11 @@ starts), returns all of TensorFlow's memory when training ends, and lets a timeo
 killing Spark's. The child dies with its task (PR_SET_PDEATHSIG) when Spark kills a failed barrier stage,
 and no child stops its TensorFlow server before every worker has finished (a final `ctx.barrier()`).
 
+Network: each worker's TensorFlow gRPC server listens on every interface (0.0.0.0/[::]: hard-coded in TensorFlow,
+whatever host TF_CONFIG names; `bind_host` only chooses the address peers are given) and is unauthenticated,
+for as long as training runs. Run spark_barrier on a trusted network or behind a host firewall
+(docs/SECURITY.md; tests/test_security.py records the behaviour).
+
 Keras 3's `fit` does not work under a multi-worker MWMS as released (two bugs, tensorflow/tensorflow#72388);
 `keras_multi_worker_fixes` patches them inside the worker's child process only.
 """
@@ -48,6 +53,7 @@ log = logging.getLogger(__name__)
 NAME = "spark_barrier"
 MODULE = "medspark.backends.spark_barrier"  # run as `python -m` in each task
 ERROR_MARK = "medspark spark_barrier worker"  # starts every executor-side error, found again in Spark's text
+RESULT = "result.npz"  # what a worker's child hands back: arrays + JSON, never a pickle (see dump_result)
 
 
 class BarrierTrainingError(RuntimeError):
@@ -142,7 +148,7 @@ class SparkBarrier:
         stage_seconds = time.perf_counter() - start
         if len(out) != 1:
             raise BarrierTrainingError(f"backend={NAME}: expected the chief's result, got {len(out)} results")
-        chief = pickle.loads(out[0])
+        chief = load_result(out[0])
 
         model = job.build_model()
         compile_model(model, t)
@@ -202,6 +208,36 @@ def explain(e: Exception) -> str:
     return f"backend={NAME} failed on the executors: {first[:1000]} (see the executor logs)"
 
 
+def dump_result(out: dict) -> bytes:
+    """A worker's result as an .npz: the weights as arrays w0..wN, everything else (history, times, addresses:
+    plain numbers and strings) as JSON. Read back with allow_pickle=False, so the bytes that travel from the
+    child to its task and from the chief's task to the driver can carry data but never code."""
+    import io
+    import json
+
+    import numpy as np
+
+    out = dict(out)
+    arrays = {f"w{i}": np.asarray(w) for i, w in enumerate(out.pop("weights", None) or [])}
+    buf = io.BytesIO()
+    np.savez(buf, meta=np.array(json.dumps(out)), **arrays)
+    return buf.getvalue()
+
+
+def load_result(blob: bytes) -> dict:
+    import io
+    import json
+
+    import numpy as np
+
+    with np.load(io.BytesIO(blob), allow_pickle=False) as npz:
+        out = json.loads(str(npz["meta"]))
+        n = sum(1 for k in npz.files if k.startswith("w") and k[1:].isdigit())
+        if n:
+            out["weights"] = [npz[f"w{i}"] for i in range(n)]
+    return out
+
+
 # ------------------------------------------------------------ executor: the barrier task
 
 def failure(lines: list[str]) -> str:
@@ -258,7 +294,7 @@ def barrier_task(_, blob: bytes, spec: WorkerSpec):
     who = f"{ERROR_MARK} {index} of {spec.workers} ({addresses[index]})"
 
     tmp = tempfile.mkdtemp(prefix=f"medspark-barrier-{index}-")
-    result = os.path.join(tmp, "result.pkl")
+    result = os.path.join(tmp, RESULT)
     with open(os.path.join(tmp, "job.pkl"), "wb") as f:
         f.write(blob)
     env = dict(os.environ, PYTHONUNBUFFERED="1", TF_NUM_INTRAOP_THREADS=str(intra),
@@ -363,7 +399,7 @@ def worker_main(tmp: str) -> None:
     import json
 
     with open(os.path.join(tmp, "job.pkl"), "rb") as f:
-        job, spec = pickle.load(f)
+        job, spec = pickle.load(f)  # cloudpickle (the job holds code) from our own task, in its 0700 temp dir
     index = int(json.loads(os.environ["TF_CONFIG"])["task"]["index"])
     addresses = json.loads(os.environ["TF_CONFIG"])["cluster"]["worker"]
     intra, inter = (int(x) for x in os.environ["MEDSPARK_BARRIER_THREADS"].split(","))
@@ -421,10 +457,10 @@ def worker_main(tmp: str) -> None:
     if index == 0:
         out.update(weights=model.get_weights(), history=history_dict(hist), epoch_seconds=timer.seconds,
                    fit_seconds=fit_seconds, addresses=addresses, threads=(intra, inter))
-    part = os.path.join(tmp, "result.pkl.part")
+    part = os.path.join(tmp, RESULT + ".part")
     with open(part, "wb") as f:
-        pickle.dump(out, f, protocol=pickle.HIGHEST_PROTOCOL)
-    os.replace(part, os.path.join(tmp, "result.pkl"))  # atomic: the task never reads half a file
+        f.write(dump_result(out))
+    os.replace(part, os.path.join(tmp, RESULT))  # atomic: the task never reads half a file
     sys.stdout.flush()
     sys.stderr.flush()
     sys.stdin.read()  # EOF when the task closes it: every worker has finished

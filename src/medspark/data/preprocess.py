@@ -9,6 +9,8 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import re
+import stat
 import warnings
 from dataclasses import dataclass, fields
 
@@ -16,7 +18,8 @@ import numpy as np
 from PIL import Image, ImageFile, ImageFilter, ImageOps, UnidentifiedImageError
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never silently half-grey
-SYSTEM_FILES = {".ds_store", "thumbs.db", "desktop.ini", "._.ds_store"}  # OS litter found in real folders
+SYSTEM_FILES = {".ds_store", "thumbs.db", "desktop.ini", "._.ds_store", "ehthumbs.db", ".directory",
+                "icon\r"}  # OS litter found in real folders (macOS, Windows Explorer, KDE)
 RESIZE_MODES = ("stretch", "pad")
 DENOISE_MODES = ("none", "median", "gaussian")
 
@@ -63,11 +66,26 @@ class PreprocessConfig:
         return (self.image_size, self.image_size, self.channels)
 
 
+def is_system_file(path: str) -> bool:
+    """OS litter: .DS_Store, Thumbs.db, ..., and macOS AppleDouble companions (`._scan.jpg`, from zips and
+    non-Mac filesystems), which carry a resource fork, never pixels."""
+    name = os.path.basename(path)
+    return name.lower() in SYSTEM_FILES or name.startswith("._")
+
+
+_FILE_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a named pipe"), (stat.S_ISSOCK, "a socket"),
+               (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+
+
 def read_bytes(path: str) -> bytes:
     """The file's bytes, or Rejected with the OS's reason (permissions, symlink loops, directories)."""
-    if os.path.basename(path).lower() in SYSTEM_FILES:
+    if is_system_file(path):
         raise Rejected("system file, not an image")
     try:
+        mode = os.stat(path).st_mode  # follows symlinks: what open() would read
+        if not stat.S_ISREG(mode):  # a FIFO would block the task forever, /dev/zero would never end
+            kind = next((k for test, k in _FILE_KINDS if test(mode)), "not a regular file")
+            raise Rejected(f"not a regular file: {kind}")
         with open(path, "rb") as f:
             data = f.read()
     except OSError as e:
@@ -115,7 +133,9 @@ def decode(data: bytes, cfg: PreprocessConfig) -> np.ndarray:
     """Image file bytes (any format PIL reads, whatever the file's extension) -> uint8 (H, W, C)."""
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            # preprocess.max_pixels decides, right after the header is read (below), not Pillow's own warning
+            # at 89 M pixels; Pillow's hard limit (twice that) still raises DecompressionBombError in open().
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
             w, h = img.size
             if w * h > cfg.max_pixels:
@@ -130,8 +150,8 @@ def decode(data: bytes, cfg: PreprocessConfig) -> np.ndarray:
         raise
     except UnidentifiedImageError:
         raise Rejected("not an image: no decoder recognises its content") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise Rejected(f"too large: {e}") from None
+    except Image.DecompressionBombError as e:
+        raise Rejected(_bomb_reason(e, cfg)) from None
     except (OSError, ValueError, SyntaxError, EOFError) as e:  # PIL's ways of saying 'corrupt'
         raise Rejected(f"corrupt or truncated: {e}") from None
     img = _to_mode(img, cfg.channels)
@@ -145,6 +165,18 @@ def decode(data: bytes, cfg: PreprocessConfig) -> np.ndarray:
     elif cfg.denoise == "gaussian":
         img = img.filter(ImageFilter.GaussianBlur(0.8))
     return np.asarray(img, dtype=np.uint8).reshape(cfg.shape)
+
+
+def _bomb_reason(e: Exception, cfg: PreprocessConfig) -> str:
+    """Pillow refused the header before our own check could run: say so in the terms of preprocess.max_pixels."""
+    m = re.search(r"\((\d+) pixels\) exceeds limit of (\d+)", str(e))
+    if not m:
+        return f"too large: {e} (preprocess.max_pixels={cfg.max_pixels})"
+    declared, hard = int(m.group(1)), int(m.group(2))
+    if declared > cfg.max_pixels:
+        return f"too large: declared {declared} pixels exceeds preprocess.max_pixels={cfg.max_pixels}"
+    return (f"too large: declared {declared} pixels exceeds Pillow's hard limit of {hard} "
+            f"(PIL.Image.MAX_IMAGE_PIXELS x 2; preprocess.max_pixels={cfg.max_pixels} cannot raise it)")
 
 
 def load(path: str, cfg: PreprocessConfig) -> np.ndarray:

@@ -31,6 +31,28 @@ def check_fractions(val: float, test: float, has_test_split: bool) -> None:
         raise ValueError(f"split.val + split.test = {val + test} leaves nothing to train on; keep the sum below 1")
 
 
+def check_listing(listing, val: float, test: float) -> None:
+    """Before any Spark job: the fractions against the layout found on disk (a dataset without its test folder
+    needs split.test), and enough files in every class to stratify. Duplicates found later by content hashing
+    can only lower a class's count, so a class that is short here is short for sure; `assign` checks again."""
+    from .preprocess import is_system_file
+    from .sources import DatasetError
+
+    try:
+        check_fractions(val, test, listing.has_test_split)
+    except ValueError as e:
+        raise DatasetError(str(e)) from None
+    targets = ["val"] if listing.has_test_split else ["test", "val"]
+    files = Counter(r.label for r in listing.records if r.split is None and not is_system_file(r.path))
+    for label, cls in enumerate(listing.classes):
+        if files[label] < 1 + len(targets):
+            raise DatasetError(
+                f"class {cls!r} has {files[label]} distinct image(s) at most ({files[label]} file(s) listed); at "
+                f"least {1 + len(targets)} are needed to stratify into train/{'/'.join(reversed(targets))}: add "
+                f"images, or drop the class from dataset.classes (classes with enough: "
+                f"{[c for i, c in enumerate(listing.classes) if files[i] >= 1 + len(targets)]})")
+
+
 def assign(items, classes: list[str], val: float, test: float, seed: int, has_test_split: bool = False) -> SplitReport:
     """items: (path, label, sha1, predefined_split or None). Groups by content hash, then splits the
     groups of each class with a seeded shuffle so that each split gets its share of every class."""
@@ -42,6 +64,9 @@ def assign(items, classes: list[str], val: float, test: float, seed: int, has_te
     by_class: dict[int, list[tuple[str, int]]] = defaultdict(list)  # label -> [(sha1, n_files)]
     conflicts = moved = 0
     for sha, members in groups.items():
+        if len(members) == 1 and members[0][3] != "test":  # the common case, without a Counter (50k files: 3x faster)
+            by_class[members[0][1]].append((sha, 1))
+            continue
         labels = Counter(m[1] for m in members)
         conflicts += len(labels) > 1
         if any(m[3] == "test" for m in members):  # the dataset's own test split wins for the whole group

@@ -243,17 +243,31 @@ def _check_replaceable(root: Path) -> None:
                              f"{root}. Pass an empty or new folder")
 
 
-def _write(folder: Path, per_class: int, size: int, seed: int) -> None:
-    for ci, cls in enumerate(CLASSES):
-        d = folder / cls
-        d.mkdir()
-        for i in range(per_class):
-            arr = phantom(cls, np.random.default_rng([seed, ci, i]), size)
-            Image.fromarray(arr).save(d / f"{cls}_{i:05d}.png", format="PNG", optimize=False,
-                                      compress_level=PNG_COMPRESS_LEVEL)
+def _write_range(folder: Path, ci: int, start: int, stop: int, size: int, seed: int) -> None:
+    cls = CLASSES[ci]
+    for i in range(start, stop):
+        arr = phantom(cls, np.random.default_rng([seed, ci, i]), size)
+        Image.fromarray(arr).save(folder / cls / f"{cls}_{i:05d}.png", format="PNG", optimize=False,
+                                  compress_level=PNG_COMPRESS_LEVEL)
 
 
-def generate(root: str | os.PathLike, per_class: int, size: int = 128, seed: int = 0) -> Path:
+def _write(folder: Path, per_class: int, size: int, seed: int, workers: int = 1) -> None:
+    for cls in CLASSES:
+        (folder / cls).mkdir()
+    step = 500
+    jobs = [(folder, ci, a, min(a + step, per_class), size, seed)
+            for ci in range(len(CLASSES)) for a in range(0, per_class, step)]
+    if workers > 1 and len(jobs) > 1:  # every image has its own RNG: the bytes do not depend on `workers`
+        import multiprocessing
+
+        with multiprocessing.get_context("spawn").Pool(workers) as pool:
+            pool.starmap(_write_range, jobs)
+    else:
+        for job in jobs:
+            _write_range(*job)
+
+
+def generate(root: str | os.PathLike, per_class: int, size: int = 128, seed: int = 0, workers: int = 1) -> Path:
     """Write per_class PNG images per class to root/<class>/<class>_<i:05d>.png; return Path(root).
 
     Image i of class c is drawn from default_rng([seed, c, i]) alone: the same arguments give
@@ -261,6 +275,7 @@ def generate(root: str | os.PathLike, per_class: int, size: int = 128, seed: int
     parameters (marker file written last) is reused as is. Otherwise the set is built in a temporary
     folder beside root and renamed into place, so an interrupted run never leaves a set that looks
     complete; an existing root is replaced only if it holds nothing but an older synthetic set.
+    workers > 1 generates in that many processes (benchmarks' 50,000-image sets), with identical bytes.
     """
     per_class = _check_int("per_class", per_class, 1)
     size = _check_int("size", size, MIN_SIZE)
@@ -274,9 +289,12 @@ def generate(root: str | os.PathLike, per_class: int, size: int = 128, seed: int
         _check_replaceable(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private (0700): executors running as another user read it
     old = None
     try:
-        _write(tmp, per_class, size, seed)
+        _write(tmp, per_class, size, seed, workers)
         (tmp / MARKER).write_text(json.dumps(params, indent=1) + "\n")
         if target.exists() and any(target.iterdir()):
             old = tmp.with_suffix(".old")

@@ -1,0 +1,91 @@
+"""The learning-rate schedule of the `train` config (`train.lr_schedule`), defined once for every backend.
+
+`model.fit` loops (single, mirrored, spark_barrier, ensemble) get it as a Keras callback (`keras_callbacks`,
+called by base.callbacks); loops that are not `model.fit` (elephas_sync's epoch loop) drive `LrSchedule`
+themselves. Both compute every rate with the same code:
+- `none`: train.lr throughout;
+- `cosine`: 0.5 * lr * (1 + cos(pi * epoch / epochs)), set at the start of each epoch (0-based);
+- `plateau`: the rule of keras ReduceLROnPlateau(monitor="val_loss", factor=0.5, patience=2, min_lr=1e-6,
+  min_delta=1e-4): after 2 epochs in a row without val_loss improving on its best by more than 1e-4, halve
+  the rate (not below 1e-6) and start counting again.
+Pure Python (no TensorFlow import), so it is cheap to test and to ship to executors.
+"""
+from __future__ import annotations
+
+import logging
+import math
+
+log = logging.getLogger(__name__)
+KINDS = ("none", "plateau", "cosine")
+PLATEAU_MONITOR, PLATEAU_FACTOR, PLATEAU_PATIENCE, PLATEAU_MIN_LR, PLATEAU_MIN_DELTA = "val_loss", 0.5, 2, 1e-6, 1e-4
+
+
+def cosine_lr(epoch: int, base_lr: float, epochs: int) -> float:
+    """Cosine decay from base_lr at epoch 0 towards 0 at `epochs`."""
+    return 0.5 * base_lr * (1 + math.cos(math.pi * epoch / max(1, epochs)))
+
+
+def kind_of(train) -> str:
+    kind = train.get("lr_schedule", "none") or "none"
+    if kind not in KINDS:
+        raise ValueError(f"train.lr_schedule={kind!r} must be one of {', '.join(KINDS)}")
+    return kind
+
+
+class LrSchedule:
+    """The rate for every epoch: `lr_for(epoch)` at its start, `end_epoch(logs)` at its end (plateau needs
+    the epoch's val_loss). `lr` is the rate the current epoch trains with."""
+
+    def __init__(self, train):
+        self.kind, self.base_lr, self.epochs = kind_of(train), float(train.lr), int(train.epochs)
+        self.lr, self.best, self.wait = self.base_lr, None, 0
+
+    def lr_for(self, epoch: int) -> float:
+        if self.kind == "cosine":
+            self.lr = cosine_lr(epoch, self.base_lr, self.epochs)
+        return self.lr
+
+    def end_epoch(self, logs: dict) -> float:
+        """Record the finished epoch; returns the rate the next epoch starts with (plateau may cut it)."""
+        if self.kind != "plateau":
+            return self.lr
+        value = logs.get(PLATEAU_MONITOR)
+        if value is None:
+            log.warning("lr_schedule=plateau: no %s in this epoch's logs (%s); rate unchanged", PLATEAU_MONITOR,
+                        ", ".join(logs))
+            return self.lr
+        if self.best is None or value < self.best - PLATEAU_MIN_DELTA:
+            self.best, self.wait = float(value), 0
+        else:
+            self.wait += 1
+            if self.wait >= PLATEAU_PATIENCE and self.lr > PLATEAU_MIN_LR:
+                self.lr, self.wait = max(self.lr * PLATEAU_FACTOR, PLATEAU_MIN_LR), 0
+                log.info("lr_schedule=plateau: %s did not improve for %d epochs, learning rate now %g",
+                         PLATEAU_MONITOR, PLATEAU_PATIENCE, self.lr)
+        return self.lr
+
+
+def keras_callbacks(train) -> list:
+    """[a Keras callback that applies LrSchedule in model.fit] ([] for `none`). Like Keras' own schedule
+    callbacks, it records the rate each epoch trained with as logs["learning_rate"] (history, MLflow)."""
+    if kind_of(train) == "none":
+        return []
+    import keras
+
+    class ScheduleCallback(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.schedule = LrSchedule(train)
+
+        def on_train_begin(self, logs=None):
+            self.schedule = LrSchedule(train)  # fresh state for every fit
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self.model.optimizer.learning_rate = self.schedule.lr_for(epoch)
+
+        def on_epoch_end(self, epoch, logs=None):
+            logs = {} if logs is None else logs
+            logs["learning_rate"] = self.schedule.lr
+            self.schedule.end_epoch(logs)
+
+    return [ScheduleCallback()]

@@ -1,0 +1,91 @@
+"""train.lr_schedule is defined once (medspark.backends.schedule): the model.fit callback and elephas_sync's own
+epoch loop get the same rates, and the plateau rule is Keras' ReduceLROnPlateau(factor=0.5, patience=2)."""
+import math
+
+import pytest
+from omegaconf import OmegaConf
+
+from medspark.backends import schedule
+from medspark.backends.elephas_sync import Schedule
+
+# val_loss per epoch: improves, stalls twice (cut), improves by less than min_delta twice (cut), improves, ...
+VAL_LOSS = [1.0, 0.8, 0.85, 0.9, 0.79995, 0.79999, 0.5, 0.6, 0.6, 0.6, 0.6, 0.6, 0.6]
+
+
+def train_cfg(kind, **extra):
+    return OmegaConf.create({"lr": 1e-3, "epochs": len(VAL_LOSS), "lr_schedule": kind, **extra})
+
+
+def keras_model(lr=1e-3):
+    import keras
+
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    model.compile(optimizer=keras.optimizers.Adam(lr), loss="mse")
+    return model
+
+
+def drive(callback, model, losses):
+    """The rate every epoch trained with, as model.fit would call the callback."""
+    import keras
+
+    callback.set_model(model)
+    callback.on_train_begin()
+    rates = []
+    for epoch, loss in enumerate(losses):
+        callback.on_epoch_begin(epoch)
+        rates.append(float(keras.ops.convert_to_numpy(model.optimizer.learning_rate)))
+        callback.on_epoch_end(epoch, {"loss": loss, "val_loss": loss})
+    return rates
+
+
+def test_cosine_is_the_formula():
+    s = schedule.LrSchedule(train_cfg("cosine"))
+    rates = [s.lr_for(e) for e in range(len(VAL_LOSS))]
+    assert rates[0] == pytest.approx(1e-3)
+    assert rates == pytest.approx([0.5e-3 * (1 + math.cos(math.pi * e / len(VAL_LOSS))) for e in range(len(VAL_LOSS))])
+
+
+def test_plateau_matches_keras_reduce_lr_on_plateau():
+    import keras
+
+    reference = keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5, patience=2, min_lr=1e-6)
+    expected = drive(reference, keras_model(), VAL_LOSS)
+    assert expected[4] == pytest.approx(5e-4) and expected[6] == pytest.approx(2.5e-4), "the sequence cuts twice"
+    [ours] = schedule.keras_callbacks(train_cfg("plateau"))
+    assert drive(ours, keras_model(), VAL_LOSS) == pytest.approx(expected)
+
+    loop = Schedule(train_cfg("plateau"))  # elephas_sync's loop: lr_for at the start, end_epoch at the end
+    rates = []
+    for epoch, loss in enumerate(VAL_LOSS):
+        rates.append(loop.lr_for(epoch))
+        loop.end_epoch(epoch, {"val_loss": loss}, weights=None)
+    assert rates == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("kind", ["cosine", "none"])
+def test_fit_callback_and_epoch_loop_agree(kind):
+    callbacks = schedule.keras_callbacks(train_cfg(kind))
+    model = keras_model()
+    rates = drive(callbacks[0], model, VAL_LOSS) if callbacks else [1e-3] * len(VAL_LOSS)
+    loop = Schedule(train_cfg(kind))
+    assert [loop.lr_for(e) for e in range(len(VAL_LOSS))] == pytest.approx(rates)
+
+
+def test_the_rate_is_logged_and_a_wrong_kind_names_the_key():
+    [cb] = schedule.keras_callbacks(train_cfg("cosine"))
+    cb.set_model(keras_model())
+    cb.on_train_begin()
+    cb.on_epoch_begin(0)
+    logs = {"val_loss": 1.0}
+    cb.on_epoch_end(0, logs)
+    assert logs["learning_rate"] == pytest.approx(1e-3), "history/MLflow get epoch_learning_rate"
+    with pytest.raises(ValueError, match="train.lr_schedule='step' must be one of none, plateau, cosine"):
+        schedule.keras_callbacks(train_cfg("step"))
+
+
+def test_early_stopping_of_the_epoch_loop_keeps_the_best():
+    loop = Schedule(train_cfg("none", early_stopping={"monitor": "val_loss", "patience": 2}))
+    for epoch, value in enumerate([1.0, 0.7, 0.8, 0.9, 0.5]):
+        if loop.end_epoch(epoch, {"val_loss": value}, weights=f"w{epoch}"):
+            break
+    assert epoch == 3 and loop.best_epoch == 1 and loop.best_weights == "w1"
