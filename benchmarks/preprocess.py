@@ -140,6 +140,38 @@ def profile(listing, pre, sample: int = 2000) -> dict:
     return {k: 1e6 * v / len(paths) for k, v in out.items()}
 
 
+def _decode_part(paths, pre, start, out):
+    from medspark.data.preprocess import decode, read_bytes
+
+    start.wait()
+    t = time.perf_counter()
+    for p in paths:
+        try:
+            decode(read_bytes(p), pre)
+        except Exception:
+            pass
+    out.put(time.perf_counter() - t)
+
+
+def process_ceiling(listing, pre, k: int) -> float:
+    """Images/s of k plain processes decoding disjoint halves of the files, no Spark: what this machine's
+    cores give when nothing else shares them (the ceiling for Spark's local[k] scaling)."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    paths = [r.path for r in listing.records]
+    start, out = ctx.Event(), ctx.Queue()
+    procs = [ctx.Process(target=_decode_part, args=(paths[i::k], pre, start, out)) for i in range(k)]
+    for p in procs:
+        p.start()
+    time.sleep(0.5)  # all forked and waiting
+    start.set()
+    seconds = max(out.get() for _ in procs)
+    for p in procs:
+        p.join()
+    return len(paths) / seconds
+
+
 # ------------------------------------------------------------------ one Spark run (its own process)
 
 def _peak_rss_of_children(stop: threading.Event, peaks: dict) -> None:
@@ -315,6 +347,10 @@ def main(argv=None) -> None:
               flush=True)
         profiles[name] = profile(listing, pre)
         print("profile, us/image: " + ", ".join(f"{k} {v:.0f}" for k, v in profiles[name].items()), flush=True)
+        ceiling = {k: process_ceiling(listing, pre, k) for k in args.cores}
+        profiles[name]["ceiling_images_per_second"] = ceiling
+        print("decode only, k plain processes (no Spark): " + ", ".join(
+            f"{k}: {v:.0f} img/s ({v / ceiling[min(ceiling)]:.2f}x)" for k, v in ceiling.items()), flush=True)
         with tempfile.TemporaryDirectory(prefix="medspark-bench-seq-") as out:
             seq = sequential(listing, pre, out)
         print(f"sequential: {seq['seconds']:.1f} s ({seq['images'] / seq['seconds']:.0f} img/s) {seq['stages']}",
@@ -346,8 +382,12 @@ def main(argv=None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     md = ["## Files -> Petastorm Parquet: sequential loop vs Spark\n", markdown(rows)]
     for name, prof in profiles.items():
+        ceiling = prof.pop("ceiling_images_per_second")
         md.append(f"\nSequential per-image profile, {name} (us/image): "
                   + ", ".join(f"{k} {v:.0f}" for k, v in prof.items()) + "\n")
+        md.append(f"\nHardware ceiling, {name}: decode + resize only in k plain processes, no Spark: " + ", ".join(
+            f"{k} -> {v:,.0f} images/s ({v / ceiling[min(ceiling)]:.2f}x)" for k, v in ceiling.items()) + "\n")
+        prof["ceiling_images_per_second"] = ceiling
     fits = {}
     if growth:
         fits = plot_growth(growth, args.out / "preprocess_growth.png")

@@ -17,7 +17,8 @@ from conftest import make_cfg
 
 SMALL = ["backend=spark_barrier", "backend.workers=2", "dataset.generate.per_class=100", "dataset.generate.size=64",
          "preprocess.image_size=64", "train.epochs=10", "train.batch_size=16",
-         "materialize.row_group_size_mb=1"]  # 1 MB row groups: the ~1 MB train split has several to shard
+         "materialize.row_group_size_mb=1",  # 1 MB row groups: the ~1 MB train split has several to shard
+         "train.early_stopping.patience=0"]  # 10 epochs of ~280 images: a noisy val_loss must not restore epoch 1
 
 
 def write_parquet(path, rows: int, row_group_rows: int) -> None:

@@ -153,10 +153,12 @@ def test_confusion_matrix_png_validates_and_leaves_no_figures_alive(tmp_path):
     import gc
 
     from matplotlib.figure import Figure
+    gc.collect()
+    before = {id(o) for o in gc.get_objects() if isinstance(o, Figure)}  # other tests' figures are not ours
     for i in range(3):
         confusion_matrix_png([0, 1, 1], [0, 1, 0], ["x", "y"], tmp_path / f"cm{i}.png")
     gc.collect()
-    assert not [o for o in gc.get_objects() if isinstance(o, Figure)]  # nothing global keeps them (no pyplot)
+    assert not [o for o in gc.get_objects() if isinstance(o, Figure) and id(o) not in before]  # no pyplot state
     assert_png(tmp_path / "cm0.png")
     with pytest.raises(ValueError, match="y_pred"):
         confusion_matrix_png([0, 1], [0, 2], ["x", "y"], tmp_path / "bad.png")

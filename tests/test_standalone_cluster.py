@@ -12,7 +12,8 @@ from standalone import standalone_cluster  # noqa: F401  (the session fixture)
 
 BACKENDS = ["spark_barrier", "elephas_sync"]
 SMALL = ["dataset.generate.per_class=100", "dataset.generate.size=64", "preprocess.image_size=64",
-         "train.epochs=8", "train.batch_size=16", "materialize.row_group_size_mb=1"]
+         "train.epochs=8", "train.batch_size=16", "materialize.row_group_size_mb=1",
+         "train.early_stopping.patience=0"]  # 8 epochs of ~280 images: a noisy val_loss must not restore epoch 1
 # Flat keys with dots (spark.executor.cores) cannot be addressed as cluster.conf.spark.executor.cores on the
 # command line: `++cluster.conf={...}` merges them into the cluster's conf dict instead.
 CLUSTER_CONF = ("++cluster.conf={spark.executor.cores:1,spark.executor.memory:1g,spark.driver.host:127.0.0.1,"
