@@ -60,40 +60,26 @@ def warm_page_cache(listing) -> float:
 
 
 def sequential(listing, pre, out: str, row_group_size_mb: int = 8) -> dict:
-    """The baseline: materialize's own task functions in a loop, in this one process, no Spark."""
-    import numpy as np
+    """The baseline: materialize's own steps and task functions in a loop, in this one process, no Spark."""
     from petastorm.fs_utils import FilesystemResolver
 
     from medspark.data import materialize as M
     from medspark.data import tasks
-    from medspark.data import splits as splitting
-    from medspark.data.schema import image_schema
 
     t0 = time.perf_counter()
     hashed = list(tasks.hash_partition((r.path, r.label, r.split) for r in listing.records))
-    ok = [(p, label, sha, split) for p, label, split, sha, _ in hashed if sha is not None]
-    report = splitting.assign(ok, listing.classes, SPLIT["val"], SPLIT["test"], SPLIT["seed"], listing.has_test_split)
-    todo = [(p, label, report.assignment[p], sha) for p, label, sha, _ in ok]
-    todo = [todo[i] for i in np.random.default_rng(SPLIT["seed"]).permutation(len(todo))]
+    _, _, todo = M.plan_splits(hashed, listing, SPLIT)
     t1 = time.perf_counter()
     resolver = FilesystemResolver("file://" + out)
     factory, base = resolver.filesystem_factory(), resolver.get_dataset_path()
-    chunks = M._chunks(todo, 1)
     for split in {row[2] for row in todo}:
         os.makedirs(f"{base}/{split}", exist_ok=True)
-    results = [tasks.write_chunk(c, pre, base, factory, tasks.row_group_rows(pre.shape, row_group_size_mb))
-               for c in chunks]
+    group_rows = tasks.row_group_rows(pre.shape, row_group_size_mb)
+    results = [tasks.write_chunk(c, pre, base, factory, group_rows) for c in M._chunks(todo, 1)]
     t2 = time.perf_counter()
-    files: dict[str, dict] = {}
-    for r in results:
-        for split, written in r["files"].items():
-            files.setdefault(split, {}).update(written)
-    for split, groups in files.items():
-        if groups:
-            M._petastorm_metadata(factory(), f"{base}/{split}", image_schema(pre.shape), groups)
+    sizes, _, _ = M.finish(results, listing.classes, pre.shape, factory, base)
     t3 = time.perf_counter()
-    accepted = sum(sum(r["counts"].values()) for r in results)
-    return {"images": len(listing.records), "accepted": accepted, "seconds": t3 - t0,
+    return {"images": len(listing.records), "accepted": sum(sizes.values()), "seconds": t3 - t0,
             "stages": {"hash": t1 - t0, "decode_write": t2 - t1, "metadata": t3 - t2}}
 
 

@@ -11,15 +11,12 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 
 import hydra
 from omegaconf import DictConfig
 
-from .config import ConfigError, config_dir, exit_on_bad_overrides
-from .data.sources import DatasetError
-from .interrupts import EXIT_CODE as TERMINATED_EXIT, Terminated
-from .train import _tags, data_run
+from .config import config_dir, exit_on_bad_overrides
+from .train import _tags, command_errors, data_run
 
 log = logging.getLogger("medspark")
 
@@ -52,15 +49,8 @@ def preprocess(cfg: DictConfig, overrides: list[str] | tuple = (), spark=None) -
 def _hydra_main(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
-    try:
+    with command_errors():  # SIGTERM: an unfinished dataset has no manifest and is rebuilt by the next run
         preprocess(cfg, overrides=list(HydraConfig.get().overrides.task))
-    except (ConfigError, DatasetError, FileNotFoundError) as e:
-        log.error("%s", e)
-        print(f"medspark: error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except Terminated as e:  # SIGTERM: the run ended KILLED; an unfinished dataset has no manifest and is rebuilt
-        print(f"medspark: stopped: {e}; the MLflow run ended KILLED", file=sys.stderr)
-        sys.exit(TERMINATED_EXIT)
 
 
 def main() -> None:

@@ -253,16 +253,24 @@ def _print_summary(summary: dict, uri: str) -> None:
 def _hydra_main(cfg: DictConfig) -> float:
     from hydra.core.hydra_config import HydraConfig
 
-    try:
+    hint = (" The same command with train.resume=true continues from the last completed epoch."
+            if resume.supports(cfg.backend) else "")  # SIGTERM keeps the checkpoint of the last completed epoch
+    with command_errors(stopped_hint=hint):
         return train(cfg, overrides=list(HydraConfig.get().overrides.task))
+
+
+@contextmanager
+def command_errors(stopped_hint: str = ""):
+    """What a command's main does with the errors a user can fix: a bad config or dataset is one line on stderr
+    and exit status 2; a SIGTERM (the run already ended KILLED) is one line and exit status 143."""
+    try:
+        yield
     except (ConfigError, DatasetError, FileNotFoundError) as e:
         log.error("%s", e)
         print(f"medspark: error: {e}", file=sys.stderr)
         sys.exit(2)
-    except Terminated as e:  # SIGTERM: the run ended KILLED; the checkpoint of the last completed epoch is kept
-        hint = (" The same command with train.resume=true continues from the last completed epoch."
-                if resume.supports(cfg.backend) else "")
-        print(f"medspark: stopped: {e}; the MLflow run ended KILLED.{hint}", file=sys.stderr)
+    except Terminated as e:
+        print(f"medspark: stopped: {e}; the MLflow run ended KILLED.{stopped_hint}", file=sys.stderr)
         sys.exit(TERMINATED_EXIT)
 
 

@@ -171,15 +171,7 @@ def materialize(spark, listing: Listing, pre: PreprocessConfig, split_cfg: dict,
               .mapPartitions(hash_partition).collect())
     seconds["hash"] = time.perf_counter() - t
     t = time.perf_counter()
-    rejected = [(p, why) for p, _, _, sha, why in hashed if sha is None]
-    ok = [(p, label, sha, split) for p, label, split, sha, _ in hashed if sha is not None]
-    report = splitting.assign(ok, listing.classes, split_cfg["val"], split_cfg["test"], split_cfg["seed"],
-                              listing.has_test_split)
-    todo = [(p, label, report.assignment[p], sha) for p, label, sha, _ in ok]
-    # Listings come sorted by class, and Petastorm shuffles whole row groups plus a bounded buffer: written in
-    # listing order, a row group (~500 images) holds one class and batches see one or two classes at a time,
-    # which wrecks BatchNorm statistics and SGD. A seeded permutation makes every row group a class mix.
-    todo = [todo[i] for i in np.random.default_rng(split_cfg["seed"]).permutation(len(todo))]
+    rejected, report, todo = plan_splits(hashed, listing, split_cfg)
     seconds["split"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -198,20 +190,8 @@ def materialize(spark, listing: Listing, pre: PreprocessConfig, split_cfg: dict,
     seconds["preprocess"] = time.perf_counter() - t  # decode, encode and Parquet write, fused in each task
 
     t = time.perf_counter()
-    sizes = dict.fromkeys(splitting.SPLITS, 0)
-    per_class = {s: dict.fromkeys(listing.classes, 0) for s in splitting.SPLITS}
-    files: dict[str, dict[str, int]] = {}
-    for r in results:
-        for (split, label), c in r["counts"].items():
-            sizes[split] += c
-            per_class[split][listing.classes[label]] += c
-        rejected += r["rejected"]
-        for split, written in r["files"].items():
-            files.setdefault(split, {}).update(written)
-    schema = image_schema(pre.shape)
-    for split, row_groups in files.items():
-        if row_groups:
-            _petastorm_metadata(fs_factory(), f"{base}/{split}", schema, row_groups)
+    sizes, per_class, bad = finish(results, listing.classes, pre.shape, fs_factory, base)
+    rejected += bad
     sc.setJobDescription(None)
     seconds["write"] = time.perf_counter() - t  # Petastorm metadata (the Parquet itself is written above)
 
@@ -224,6 +204,42 @@ def materialize(spark, listing: Listing, pre: PreprocessConfig, split_cfg: dict,
     log.info("materialized %s: %s accepted, %d rejected, %d duplicate contents, %s", url, m.sizes, len(m.rejected),
              m.duplicate_groups, {k: round(v, 1) for k, v in seconds.items()})
     return m
+
+
+def plan_splits(hashed, listing: Listing, split_cfg: dict):
+    """From the hash pass's (path, label, split, sha1 or None, reason) rows: the files rejected so far, the
+    split report, and the rows to decode, (path, label, split, sha1), in a seeded random order."""
+    rejected = [(p, why) for p, _, _, sha, why in hashed if sha is None]
+    ok = [(p, label, sha, split) for p, label, split, sha, _ in hashed if sha is not None]
+    report = splitting.assign(ok, listing.classes, split_cfg["val"], split_cfg["test"], split_cfg["seed"],
+                              listing.has_test_split)
+    todo = [(p, label, report.assignment[p], sha) for p, label, sha, _ in ok]
+    # Listings come sorted by class, and Petastorm shuffles whole row groups plus a bounded buffer: written in
+    # listing order, a row group (~500 images) holds one class and batches see one or two classes at a time,
+    # which wrecks BatchNorm statistics and SGD. A seeded permutation makes every row group a class mix.
+    todo = [todo[i] for i in np.random.default_rng(split_cfg["seed"]).permutation(len(todo))]
+    return rejected, report, todo
+
+
+def finish(results, classes: list[str], shape, fs_factory, base: str):
+    """Tally what the write_chunk tasks reported and write each split's Petastorm metadata.
+    Returns (sizes per split, per-class counts per split, files rejected while decoding)."""
+    sizes = dict.fromkeys(splitting.SPLITS, 0)
+    per_class = {s: dict.fromkeys(classes, 0) for s in splitting.SPLITS}
+    files: dict[str, dict[str, int]] = {}
+    rejected = []
+    for r in results:
+        for (split, label), c in r["counts"].items():
+            sizes[split] += c
+            per_class[split][classes[label]] += c
+        rejected += r["rejected"]
+        for split, written in r["files"].items():
+            files.setdefault(split, {}).update(written)
+    schema = image_schema(shape)
+    for split, row_groups in files.items():
+        if row_groups:
+            _petastorm_metadata(fs_factory(), f"{base}/{split}", schema, row_groups)
+    return sizes, per_class, rejected
 
 
 def _chunks(todo, parallelism: int, max_rows: int = 5000):
