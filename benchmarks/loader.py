@@ -32,12 +32,12 @@ def materialize_synthetic(per_class: int, size: int, work: str):
     from medspark.data import synthetic
     from medspark.data.materialize import materialize
     from medspark.data.preprocess import PreprocessConfig
-    from medspark.data.sources import list_images
+    from medspark.data.sources.class_folders import ClassFolders
     from medspark.spark import session
 
     root = synthetic.generate(os.path.join(work, f"synthetic-{per_class}-{size}"), per_class, size=size, seed=0,
                               workers=os.cpu_count() or 1)
-    listing = list_images(OmegaConf.create({"layout": "class_folders", "root": str(root)}))
+    listing = ClassFolders(str(root)).list()
     spark = session(OmegaConf.create({"name": "local", "cores": 2, "log_level": "ERROR",
                                       "conf": {"spark.ui.showConsoleProgress": "false"}}))
     try:
@@ -53,8 +53,8 @@ def loader_rate(job, batch: int, augment: bool, passes: int = 2) -> dict:
 
     d = job.data
     ds = loader.dataset(d.split_url("train"), d.shape, batch, training=True, seed=0,
-                        augment=job.augment if augment else None, rows=d.sizes["train"],
-                        shuffle_buffer=int(job.train.get("shuffle_buffer", 1024)))
+                        augment=job.train.augment if augment else None, rows=d.sizes["train"],
+                        shuffle_buffer=job.train.shuffle_buffer)
     rates = []
     for _ in range(passes):
         t, n = time.perf_counter(), 0
@@ -64,17 +64,15 @@ def loader_rate(job, batch: int, augment: bool, passes: int = 2) -> dict:
     return {"images_per_second": max(rates), "per_pass": rates}
 
 
-def train_rate(model_cfg, shape, classes: int, x, epochs: int, batch: int, seed: int = 0) -> dict:
+def train_rate(job, model_cfg, shape, classes: int, x, epochs: int, batch: int, seed: int = 0) -> dict:
     """Fit a fresh model on `x` (arrays (x, y) or a tf.data.Dataset) and time every epoch."""
     import hydra
     import keras
-    from omegaconf import OmegaConf
-
-    from medspark.backends.base import EpochTimer, compile_model
+    from medspark.backends.keras_fit import EpochTimer, compile_model
 
     keras.utils.set_random_seed(seed)
     model = hydra.utils.instantiate(model_cfg, input_shape=shape, num_classes=classes)
-    compile_model(model, OmegaConf.create({"lr": 1e-3, "optimizer": "adam"}))
+    compile_model(model, job)  # the run's optimizer and loss (train config)
     timer = EpochTimer()
     if isinstance(x, tuple):
         model.fit(x[0], x[1], batch_size=batch, epochs=epochs, shuffle=True, callbacks=[timer], verbose=0)
@@ -99,7 +97,7 @@ def main(argv=None) -> None:
 
     from omegaconf import OmegaConf
 
-    from medspark.backends.base import TrainJob
+    from medspark.backends.api import TrainJob
     from medspark.config import config_dir
     from medspark.data import loader
 
@@ -120,13 +118,13 @@ def main(argv=None) -> None:
     x, y = loader.read_arrays(data.split_url("train"))
     x = x.astype("float32")
     fits = {
-        "in-memory arrays": lambda: train_rate(model_cfg, data.shape, len(data.classes), (x, y), args.epochs,
+        "in-memory arrays": lambda: train_rate(job, model_cfg, data.shape, len(data.classes), (x, y), args.epochs,
                                                args.batch),
         "training loop (Petastorm -> tf.data)": lambda: train_rate(
-            model_cfg, data.shape, len(data.classes), plain.dataset("train", True, args.batch), args.epochs,
+            job, model_cfg, data.shape, len(data.classes), plain.dataset("train", True, args.batch), args.epochs,
             args.batch),
         "training loop + augmentation": lambda: train_rate(
-            model_cfg, data.shape, len(data.classes), job.dataset("train", True, args.batch), args.epochs,
+            job, model_cfg, data.shape, len(data.classes), job.dataset("train", True, args.batch), args.epochs,
             args.batch),
     }
     for name, fn in fits.items():

@@ -40,11 +40,11 @@ SPLIT = {"val": 0.15, "test": 0.15, "seed": 0}
 def listing_for(root: str, n: int | None, seed: int = 0):
     """The dataset's listing; n: a seeded random subset of n files (cost growth)."""
     import numpy as np
-    from omegaconf import OmegaConf
 
-    from medspark.data.sources import Listing, list_images
+    from medspark.data.sources import Listing
+    from medspark.data.sources.class_folders import ClassFolders
 
-    full = list_images(OmegaConf.create({"layout": "class_folders", "root": root}))
+    full = ClassFolders(root).list()
     if n is None or n >= len(full.records):
         return full
     keep = np.sort(np.random.default_rng(seed).choice(len(full.records), n, replace=False))

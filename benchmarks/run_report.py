@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/run_report.py                       # newest run of medspark-synthetic
     .venv/bin/python benchmarks/run_report.py --experiment medspark-brain_mri [--run-id ID] [--uri URI]
 
-The README's "Measured" tables are made with this script from the runs named there.
+The "Measured" tables of docs/performance.md are made with this script from the runs named there.
 """
 from __future__ import annotations
 

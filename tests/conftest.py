@@ -7,11 +7,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 from omegaconf import open_dict
 
-from medspark.config import config_dir
+from medspark.config import compose_project_config
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "datasets"
@@ -43,12 +41,8 @@ def spark():
 
 def make_cfg(tmp_path: Path, overrides: list[str] = ()):
     """The project's real config, composed as the CLI would, with every output under tmp_path."""
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        cfg = compose("config", overrides=[
-            f"paths.work_dir={tmp_path}/work", f"tracking.uri=sqlite:///{tmp_path}/mlruns.db",
-            f"tracking.artifact_location={tmp_path}/artifacts", *overrides])
-    GlobalHydra.instance().clear()
+    cfg = compose_project_config([f"paths.work_dir={tmp_path}/work", f"tracking.uri=sqlite:///{tmp_path}/mlruns.db",
+                                  f"tracking.artifact_location={tmp_path}/artifacts", *overrides])
     with open_dict(cfg):
         cfg.cluster.cores = 2
     return cfg

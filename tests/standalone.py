@@ -26,7 +26,7 @@ READY_TIMEOUT_S = 120
 
 
 def _free_port() -> int:
-    from medspark.backends.base import free_port
+    from medspark.backends.placement import free_port
 
     return free_port("127.0.0.1")
 

@@ -7,7 +7,9 @@ import mlflow
 import numpy as np
 import pytest
 
-from medspark.backends.base import BackendError, TrainJob
+from conftest import make_cfg
+
+from medspark.backends.api import BackendError, TrainJob
 from medspark.backends.ensemble import Ensemble, vote_weights, voting_model
 from medspark.models import dense, small_cnn
 
@@ -49,9 +51,9 @@ def test_vote_weights_and_member_overrides():
                                             {"name": "member2", "dropout": 0.2, "l2": 1e-4}]
 
 
-def test_impossible_settings_fail_before_any_task():
+def test_impossible_settings_fail_before_any_task(tmp_path):
     data = SimpleNamespace(sizes={"train": 10, "val": 2, "test": 2}, shape=(16, 16, 1))
-    job = TrainJob(data=data, train={}, seed=0,
+    job = TrainJob(data=data, train=make_cfg(tmp_path).train, seed=0,
                    build_model=lambda **kw: dense.build((16, 16, 1), 3, units=(4,), **kw))
     with pytest.raises(BackendError, match="backend.members"):
         Ensemble(members=0).fit(job)

@@ -10,7 +10,7 @@ import mlflow
 import numpy as np
 import pytest
 
-from medspark.backends.base import BackendError
+from medspark.backends.api import BackendError
 from medspark.data.loader import read_arrays
 from medspark.train import train
 from conftest import make_cfg
@@ -105,7 +105,7 @@ def test_mirrored_runs_on_logical_cpus_and_measures_its_baseline(tmp_path):
 
 def test_impossible_settings_fail_early_with_the_key_to_change(spark, tmp_path):
     from medspark.backends import build
-    from medspark.backends.base import TrainJob
+    from medspark.backends.api import TrainJob
     from medspark.backends.mirrored import devices
 
     with pytest.raises(BackendError, match=r"backend.gpus=4 but 0 GPU\(s\) are visible"):

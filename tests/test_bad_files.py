@@ -17,12 +17,12 @@ from urllib.parse import unquote, urlparse
 
 import numpy as np
 import pytest
-from omegaconf import OmegaConf
 from PIL import Image
 
 from medspark.data import materialize as mat
 from medspark.data.preprocess import PreprocessConfig, decode
-from medspark.data.sources import list_images
+from medspark.data.sources.class_folders import ClassFolders
+from medspark.data.sources.split_folders import SplitFolders
 
 SIZE = 32  # every decodable zoo image is SIZE x SIZE, so `pad` keeps its pixels exactly (no resampling)
 PRE = PreprocessConfig(image_size=SIZE, channels=3)  # RGB out: colour conversions are visible in the tensor
@@ -241,7 +241,7 @@ def zoo(spark, tmp_path_factory) -> Zoo:
     tmp = tmp_path_factory.mktemp("zoo")
     root = tmp / "scans"
     build_zoo(root)
-    listing = list_images(OmegaConf.create({"layout": "class_folders", "root": str(root), "classes": None}))
+    listing = ClassFolders(str(root)).list()
     m = mat.materialize(spark, listing, PRE, SPLIT, str(tmp / "petastorm"), "zoo")  # it must finish
     rows = {}
     for split, n in m.sizes.items():
@@ -310,9 +310,8 @@ def test_what_is_not_an_input_is_ignored_with_its_reason(tmp_path):
             (root / split / cls).mkdir(parents=True)
             (root / split / cls / "1.png").write_bytes(b"x")
     (root / "LICENSE").write_text("CC BY 4.0")
-    listing = list_images(OmegaConf.create({"layout": "split_folders", "root": str(root),
-                                            "split_dirs": {"train": "train", "test": "test"},
-                                            "classes": ["NORMAL", "PNEUMONIA"]}))
+    chest_xray = SplitFolders(str(root), ["NORMAL", "PNEUMONIA"], split_dirs={"train": "train", "test": "test"})
+    listing = chest_xray.list()
     ignored = dict(listing.ignored)
     assert len(listing.records) == 4 and len(ignored) == 3 + 1 + 2
     assert all("outside the split folders" in ignored[str(root / "val" / c / "1.png")]
@@ -327,9 +326,7 @@ def test_what_is_not_an_input_is_ignored_with_its_reason(tmp_path):
     try:
         if readable_anyway(locked / "2.png"):
             return  # root reads everything: the unreadable-folder part is real only for ordinary users
-        again = dict(list_images(OmegaConf.create({"layout": "split_folders", "root": str(root),
-                                                   "split_dirs": {"train": "train", "test": "test"},
-                                                   "classes": ["NORMAL", "PNEUMONIA"]})).ignored)
+        again = dict(chest_xray.list().ignored)
         assert "unreadable folder: Permission denied" in again[str(locked)]
     finally:
         locked.chmod(0o755)

@@ -1,5 +1,6 @@
 """Every option of every config group composes and builds; bad settings fail before Spark starts, with one
 line that names the key."""
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -11,9 +12,9 @@ from omegaconf import OmegaConf, open_dict
 
 from medspark.backends import build as build_backend
 from medspark.config import ConfigError, check, config_dir
-from medspark.data.sources import DatasetError, list_images
+from medspark.data.sources import DatasetError, has_test_split, list_dataset
+from medspark.data.sources.class_folders import ClassFolders
 from medspark.spark import master_url
-from medspark.train import list_dataset
 from conftest import REPO, SHARED, make_cfg
 
 GROUPS = {g: sorted(p.stem for p in (Path(config_dir()) / g).glob("*.yaml"))
@@ -41,6 +42,12 @@ def test_every_dataset_option_lists_images(tmp_path, name):
     check(cfg)
     listing = list_dataset(cfg.dataset)
     assert len(listing.classes) >= 2 and all(n > 0 for n in listing.counts().values())
+
+
+@pytest.mark.parametrize("name", GROUPS["dataset"])
+def test_every_dataset_option_names_its_source(tmp_path, name):
+    cfg = make_cfg(tmp_path, [f"dataset={name}"] + ([] if name == "synthetic" else ["dataset.root=/data"]))
+    assert has_test_split(cfg.dataset) == (name in ("brain_mri", "chest_xray"))  # what check() asks the source
 
 
 @pytest.mark.parametrize("name", GROUPS["model"])
@@ -89,9 +96,18 @@ def test_every_experiment_composes(tmp_path, name):
     (["split.val=0.6", "split.test=0.4"], "nothing to train"),
     (["train.epochs=0"], "train.epochs"),
     (["train.objective=val_loss"], "train.objective"),
+    # the typed train config (config.TrainConfig): one line naming the key, before Spark or TensorFlow start
+    (["train.epochs=ten"], "train.epochs='ten' must be an integer"),
+    (["train.lr=fast"], "train.lr='fast' must be a number"),
+    (["train.optimizer=adamm"], "train.optimizer=adamm must be one of adam, adamw, sgd, rmsprop"),
+    (["train.lr_schedule=step"], "train.lr_schedule=step must be one of none, plateau, cosine"),
+    (["train.class_weight=balance"], "train.class_weight=balance must be one of null, balanced"),
+    (["train.early_stopping.mode=up"], "train.early_stopping.mode=up must be one of auto, min, max"),
+    (["train.augment.rotation=-1"], "train.augment.rotation=-1.0 must be >= 0"),
+    (["+train.epoch=2"], "train.epoch is not a setting of train; did you mean train.epochs?"),
 ])
 def test_bad_settings_fail_early_naming_the_key(tmp_path, overrides, key):
-    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+    with pytest.raises(ConfigError, match=re.escape(key)):
         check(make_cfg(tmp_path, overrides))
 
 
@@ -227,7 +243,7 @@ def test_class_of_only_system_files_fails_at_listing(tmp_path):
     (tmp_path / "no" / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
     with pytest.raises(DatasetError, match=r"class folder .*no holds no images, only 1 system file\(s\) such as "
                                            r"\.DS_Store; add images to it, or set dataset\.classes"):
-        list_images(OmegaConf.create({"layout": "class_folders", "root": str(tmp_path), "classes": None}))
+        ClassFolders(str(tmp_path)).list()
 
 
 @pytest.mark.parametrize("layout, counts, split, says", [
@@ -242,15 +258,16 @@ def test_class_of_only_system_files_fails_at_listing(tmp_path):
 def test_listing_is_checked_against_the_split_before_spark(tmp_path, layout, counts, split, says):
     from medspark.data.splits import check_listing
 
-    ds = {"layout": layout, "classes": None, "root": str(tmp_path)}
+    ds = {"_target_": "medspark.data.sources.class_folders.ClassFolders", "classes": None, "root": str(tmp_path)}
     if layout == "class_folders":
         make_folder(tmp_path, **counts)
     else:
         make_folder(tmp_path / "train", **counts)
         if layout == "split_folders":
             make_folder(tmp_path / "test", a=2, b=2)
-        ds.update(layout="split_folders", split_dirs={"train": "train", "test": "test"})
-    listing = list_images(OmegaConf.create(ds))
+        ds.update(_target_="medspark.data.sources.split_folders.SplitFolders",
+                  split_dirs={"train": "train", "test": "test"})
+    listing = list_dataset(OmegaConf.create(ds))
     with pytest.raises(DatasetError, match=says):
         check_listing(listing, *split)
 

@@ -23,7 +23,7 @@ import mlflow
 import pytest
 
 from conftest import make_cfg
-from medspark.train import data_lock_path
+from medspark.pipeline import data_lock_path
 
 MANIFEST = "_MEDSPARK_DATASET.json"  # the public contract of materialize: written last, marks a finished dataset
 TRAIN = ["dataset=synthetic", "dataset.generate.per_class=60", "dataset.generate.size=48", "preprocess.image_size=48",

@@ -5,13 +5,13 @@ import shutil
 
 import numpy as np
 import pytest
-from omegaconf import OmegaConf
 
 from medspark.data import materialize as mat
 from medspark.data import tasks
 from medspark.data.loader import read_arrays
 from medspark.data.preprocess import PreprocessConfig
-from medspark.data.sources import list_images
+from medspark.data.sources.class_folders import ClassFolders
+from medspark.data.sources.split_folders import SplitFolders
 from conftest import shared_dataset
 
 PRE = PreprocessConfig(image_size=48, channels=1)
@@ -29,8 +29,8 @@ def sample(src_root, dst, per_class, extra=()):
     return dst
 
 
-def listing_of(root, layout="class_folders", **kw):
-    return list_images(OmegaConf.create({"layout": layout, "root": str(root), "classes": None, **kw}))
+def listing_of(root, source=ClassFolders, **kw):
+    return source(str(root), **kw).list()
 
 
 def check_accounting(m, listing):
@@ -62,7 +62,7 @@ def test_real_chest_xray_sample_with_ds_store_and_predefined_test(spark, tmp_pat
         sample(src / split, tmp_path / "cx" / split, per_class=8)
         os.symlink(src / split / ".DS_Store", tmp_path / "cx" / split / "NORMAL" / ".DS_Store")  # the real one
         os.symlink(src / split / ".DS_Store", tmp_path / "cx" / split / ".DS_Store")  # outside class folders: ignored
-    listing = listing_of(tmp_path / "cx", layout="split_folders", split_dirs={"train": "train", "test": "test"})
+    listing = listing_of(tmp_path / "cx", SplitFolders, split_dirs={"train": "train", "test": "test"})
     assert listing.has_test_split
     m = mat.materialize(spark, listing, PreprocessConfig(image_size=48, channels=3), SPLIT, str(tmp_path / "d"), "cx")
     check_accounting(m, listing)

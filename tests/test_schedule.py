@@ -6,7 +6,6 @@ import pytest
 from omegaconf import OmegaConf
 
 from medspark.backends import schedule
-from medspark.backends.elephas_sync import Schedule
 
 # val_loss per epoch: improves, stalls twice (cut), improves by less than min_delta twice (cut), improves, ...
 VAL_LOSS = [1.0, 0.8, 0.85, 0.9, 0.79995, 0.79999, 0.5, 0.6, 0.6, 0.6, 0.6, 0.6, 0.6]
@@ -54,11 +53,11 @@ def test_plateau_matches_keras_reduce_lr_on_plateau():
     [ours] = schedule.keras_callbacks(train_cfg("plateau"))
     assert drive(ours, keras_model(), VAL_LOSS) == pytest.approx(expected)
 
-    loop = Schedule(train_cfg("plateau"))  # elephas_sync's loop: lr_for at the start, end_epoch at the end
+    loop = schedule.LrSchedule(train_cfg("plateau"))  # elephas_sync's loop: lr_for at the start, end_epoch at the end
     rates = []
     for epoch, loss in enumerate(VAL_LOSS):
         rates.append(loop.lr_for(epoch))
-        loop.end_epoch(epoch, {"val_loss": loss}, weights=None)
+        loop.end_epoch({"val_loss": loss})
     assert rates == pytest.approx(expected)
 
 
@@ -67,7 +66,7 @@ def test_fit_callback_and_epoch_loop_agree(kind):
     callbacks = schedule.keras_callbacks(train_cfg(kind))
     model = keras_model()
     rates = drive(callbacks[0], model, VAL_LOSS) if callbacks else [1e-3] * len(VAL_LOSS)
-    loop = Schedule(train_cfg(kind))
+    loop = schedule.LrSchedule(train_cfg(kind))
     assert [loop.lr_for(e) for e in range(len(VAL_LOSS))] == pytest.approx(rates)
 
 
@@ -84,8 +83,33 @@ def test_the_rate_is_logged_and_a_wrong_kind_names_the_key():
 
 
 def test_early_stopping_of_the_epoch_loop_keeps_the_best():
-    loop = Schedule(train_cfg("none", early_stopping={"monitor": "val_loss", "patience": 2}))
+    loop = schedule.EarlyStop(train_cfg("none", early_stopping={"monitor": "val_loss", "patience": 2}))
     for epoch, value in enumerate([1.0, 0.7, 0.8, 0.9, 0.5]):
         if loop.end_epoch(epoch, {"val_loss": value}, weights=f"w{epoch}"):
             break
     assert epoch == 3 and loop.best_epoch == 1 and loop.best_weights == "w1"
+
+
+@pytest.mark.parametrize("monitor,mode,values", [
+    ("val_accuracy", "auto", [0.5, 0.7, 0.6, 0.65, 0.9]),  # higher is better: stops at epoch 3, best epoch 1
+    ("val_loss", "auto", [1.0, 0.7, 0.8, 0.9, 0.5]),
+    ("val_loss", "max", [0.5, 0.7, 0.6, 0.65, 0.9]),  # an explicit mode wins over the name
+])
+def test_epoch_loop_and_keras_early_stopping_stop_at_the_same_epoch(monitor, mode, values):
+    import keras
+
+    train = train_cfg("none", early_stopping={"monitor": monitor, "patience": 2, "mode": mode})
+    [keras_es] = schedule.keras_callbacks(train)  # what model.fit backends get
+    model = keras_model()
+    keras_es.set_model(model)
+    keras_es.on_train_begin()
+    stopped_keras = None
+    for epoch, value in enumerate(values):
+        keras_es.on_epoch_end(epoch, {monitor: value})
+        if model.stop_training:
+            stopped_keras = epoch
+            break
+    loop = schedule.EarlyStop(train)  # what elephas_sync's loop uses
+    stopped_loop = next((e for e, v in enumerate(values) if loop.end_epoch(e, {monitor: v}, weights=e)), None)
+    assert stopped_loop == stopped_keras == 3 and loop.best_epoch == 1
+    assert isinstance(keras_es, keras.callbacks.EarlyStopping)

@@ -43,12 +43,12 @@ def test_masking_covers_every_secret_word_nesting_lists_urls_and_text():
 def test_nothing_secret_reaches_mlflow_in_clear(tmp_path):
     """Through a real MLflow run: params (the flattened config and the override string), the resolved config
     artifact, the tags train() sets (the command line among them), and the error and traceback of a failure."""
-    from medspark.train import _tags
+    from medspark.pipeline import run_tags
 
     cfg = make_cfg(tmp_path, SECRET_OVERRIDES)
     tracking.configure(cfg.tracking)
     with pytest.raises(RuntimeError):
-        with tracking.run("secrets", _tags(cfg, SECRET_OVERRIDES)):
+        with tracking.run("secrets", run_tags(cfg, SECRET_OVERRIDES)):
             tracking.log_config(cfg, SECRET_OVERRIDES)
             raise RuntimeError("cannot reach https://bob:hunter4@mlflow.example.org (password=hunter5)")
     [run] = mlflow.search_runs(experiment_names=[cfg.tracking.experiment], output_format="list")
@@ -71,7 +71,7 @@ def test_nothing_secret_reaches_mlflow_in_clear(tmp_path):
 
 def test_project_commands_and_configs_bind_loopback():
     """`make ui` and the tests' servers say 127.0.0.1; nothing medspark ships binds every interface by itself
-    (the README's shared `mlflow server --host 0.0.0.0` is an explicit example for a server machine)."""
+    (docs/mlflow.md's shared `mlflow server --host 0.0.0.0` is an explicit example for a server machine)."""
     assert re.search(r"mlflow ui .*--host 127\.0\.0\.1", (REPO / "Makefile").read_text())
     every = re.compile(r"[\"']0\.0\.0\.0[\"']|(--host|-h|host=|bind_host:)\s*0\.0\.0\.0")  # a bind, not prose
     for path in [*(REPO / "src").rglob("*.py"), *(REPO / "conf").rglob("*.yaml"), REPO / "Makefile",

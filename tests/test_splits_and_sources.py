@@ -2,17 +2,19 @@
 equal contents never straddle train and test (the leak that inflates published accuracies)."""
 import hashlib
 from collections import Counter, defaultdict
+from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
 
-from medspark.data.sources import DatasetError, list_images
+from medspark.data.sources import DatasetError, Listing, Record, list_dataset
 from medspark.data.splits import assign
 from conftest import shared_dataset
 
 
-def ds(**kw):
-    return OmegaConf.create({"layout": "class_folders", "classes": None, **kw})
+def listing(source="class_folders.ClassFolders", **kw):
+    """The listing of a `dataset` config naming a built-in source, as training makes it."""
+    return list_dataset(OmegaConf.create({"name": "t", "_target_": f"medspark.data.sources.{source}", **kw}))
 
 
 def fill(folder, names):
@@ -24,30 +26,60 @@ def fill(folder, names):
 def test_class_folders_and_split_folders(tmp_path):
     fill(tmp_path / "a" / "b", ["1.png", "2.png"])
     fill(tmp_path / "a" / "c", ["3.png"])
-    listing = list_images(ds(root=str(tmp_path / "a")))
-    assert listing.classes == ["b", "c"] and listing.counts() == {"b": 2, "c": 1} and not listing.has_test_split
+    found = listing(root=str(tmp_path / "a"))
+    assert found.classes == ["b", "c"] and found.counts() == {"b": 2, "c": 1} and not found.has_test_split
     fill(tmp_path / "s" / "Training" / "x", ["1.jpg", "2.jpg"])
     fill(tmp_path / "s" / "Training" / "y", ["3.jpg"])
     fill(tmp_path / "s" / "Testing" / "x", ["4.jpg"])
-    listing = list_images(ds(root=str(tmp_path / "s"), layout="split_folders",
-                             split_dirs={"train": "Training", "test": "Testing"}))
-    assert listing.has_test_split and [r.split for r in listing.records].count("test") == 1
+    found = listing("split_folders.SplitFolders", root=str(tmp_path / "s"),
+                    split_dirs={"train": "Training", "test": "Testing"})
+    assert found.has_test_split and [r.split for r in found.records].count("test") == 1
 
 
 @pytest.mark.parametrize("root, match", [(None, "dataset.root is not set"), ("???", "dataset.root is not set"),
                                          ("/nonexistent/scans", "dataset.root=/nonexistent/scans does not exist")])
 def test_missing_root_names_the_key(root, match):
     with pytest.raises(DatasetError, match=match):
-        list_images(ds(root=root))
+        listing(root=root)
 
 
 def test_empty_class_folder_and_missing_class_fail_clearly(tmp_path):
     fill(tmp_path / "yes", ["1.png"])
     (tmp_path / "no").mkdir()
     with pytest.raises(DatasetError, match="class folder .*no is empty"):
-        list_images(ds(root=str(tmp_path)))
+        listing(root=str(tmp_path))
     with pytest.raises(DatasetError, match=r"\['maybe'\] not found"):
-        list_images(ds(root=str(tmp_path), classes=["yes", "maybe"]))
+        listing(root=str(tmp_path), classes=["yes", "maybe"])
+
+
+class Csv:
+    """A source from outside medspark, as a user's own module would define one: a CSV of `file,class` rows."""
+    has_test_split = False
+
+    def __init__(self, root, csv="labels.csv"):
+        self.root, self.csv = Path(root), csv
+
+    def list(self):
+        rows = [line.split(",") for line in (self.root / self.csv).read_text().split()]
+        classes = sorted({c for _, c in rows})
+        return Listing([Record(str(self.root / f), classes.index(c), None) for f, c in rows], classes, False)
+
+
+def test_a_new_source_is_one_class_named_by_the_dataset_config(tmp_path):
+    (tmp_path / "labels.csv").write_text("a.png,x\nb.png,y\nc.png,x\n")
+    found = list_dataset(OmegaConf.create({"name": "mine", "_target_": f"{__name__}.Csv", "root": str(tmp_path)}))
+    assert found.classes == ["x", "y"] and found.counts() == {"x": 2, "y": 1}
+
+
+def test_source_settings_are_checked_by_name(tmp_path):
+    with pytest.raises(DatasetError, match=r"dataset\.layout is not a setting of the ClassFolders source "
+                                           r"\(medspark\.data\.sources\.class_folders\.ClassFolders\); its settings: "
+                                           r"root, classes$"):
+        listing(root=str(tmp_path), layout="class_folders")
+    with pytest.raises(DatasetError, match=r"dataset\._target_ is not set"):
+        list_dataset(OmegaConf.create({"name": "t", "root": str(tmp_path)}))
+    with pytest.raises(DatasetError, match=r"dataset\._target_=medspark\.data\.sources\.nope\.Nope cannot be imported"):
+        listing("nope.Nope", root=str(tmp_path))
 
 
 def items_from(n_per_class, dup_every=0, classes=2):
@@ -98,11 +130,11 @@ def test_too_few_images_to_stratify():
 @pytest.mark.real_data
 def test_real_brain_mri_duplicates_never_straddle_splits():
     root = shared_dataset("brain-tumor-mri")
-    listing = list_images(ds(root=str(root), layout="split_folders", split_dirs={"train": "Training", "test": "Testing"},
-                             classes=["glioma", "meningioma", "notumor", "pituitary"]))
-    assert len(listing.records) == 5712 and not listing.has_test_split  # Testing is held back from us
-    items = [(r.path, r.label, hashlib.sha1(open(r.path, "rb").read()).hexdigest(), r.split) for r in listing.records]
-    rep = assign(items, listing.classes, 0.15, 0.15, seed=42)
+    found = listing("split_folders.SplitFolders", root=str(root), split_dirs={"train": "Training", "test": "Testing"},
+                    classes=["glioma", "meningioma", "notumor", "pituitary"])
+    assert len(found.records) == 5712 and not found.has_test_split  # Testing is held back from us
+    items = [(r.path, r.label, hashlib.sha1(open(r.path, "rb").read()).hexdigest(), r.split) for r in found.records]
+    rep = assign(items, found.classes, 0.15, 0.15, seed=42)
     assert rep.duplicate_groups == 148
     splits_of = defaultdict(set)
     for path, _, sha, _ in items:

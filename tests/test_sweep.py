@@ -7,12 +7,10 @@ from contextlib import nullcontext
 
 import mlflow
 import pytest
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
 from medspark import tracking
-from medspark.config import ConfigError, config_dir
+from medspark.config import ConfigError, compose_project_config
 from medspark.sweep import MlflowSweep, direction, swept_overrides
 from conftest import REPO
 
@@ -21,13 +19,9 @@ TINY = ["dataset.generate.per_class=40", "dataset.generate.size=48", "preprocess
 
 def hydra_cfg(tmp_path, *overrides):
     """The config as a sweep's callbacks see it (with the hydra node), pointed at tmp_path."""
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        cfg = compose("config", return_hydra_config=True, overrides=[
-            f"paths.work_dir={tmp_path}/work", f"tracking.uri=sqlite:///{tmp_path}/mlruns.db",
-            f"tracking.artifact_location={tmp_path}/artifacts", *overrides])
-    GlobalHydra.instance().clear()
-    return cfg
+    return compose_project_config([f"paths.work_dir={tmp_path}/work", f"tracking.uri=sqlite:///{tmp_path}/mlruns.db",
+                                   f"tracking.artifact_location={tmp_path}/artifacts", *overrides],
+                                  return_hydra_config=True)
 
 
 @pytest.fixture

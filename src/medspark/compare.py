@@ -32,19 +32,11 @@ class CompareError(Exception):
 
 def defaults() -> dict:
     """tracking.uri, tracking.experiment and train.objective of the project's config (conf/local included)."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
+    from .config import compose_project_config
 
-    from .config import config_dir
-
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-            cfg = compose("config")
-        return {"uri": str(cfg.tracking.uri), "experiment": str(cfg.tracking.experiment),
-                "objective": str(cfg.train.objective)}
-    finally:
-        GlobalHydra.instance().clear()
+    cfg = compose_project_config()
+    return {"uri": str(cfg.tracking.uri), "experiment": str(cfg.tracking.experiment),
+            "objective": str(cfg.train.objective)}
 
 
 def parser() -> argparse.ArgumentParser:

@@ -1,9 +1,12 @@
 """Config plumbing: where the project lives, the `${medspark_root:}` resolver, and checks that fail early."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -34,6 +37,7 @@ class ConfigError(ValueError):
 def check(cfg: DictConfig) -> None:
     """Everything that can be checked before Spark or TensorFlow start."""
     from .data.preprocess import PreprocessConfig
+    from .data.sources import has_test_split
     from .data.splits import check_fractions
     from .spark import master_url
 
@@ -43,19 +47,149 @@ def check(cfg: DictConfig) -> None:
         raise ConfigError(f"required setting(s) not given: {', '.join(missing)}. Pass them on the command line: {hints}")
     try:
         PreprocessConfig.from_mapping(OmegaConf.to_container(cfg.preprocess))
-        check_fractions(float(cfg.split.val), float(cfg.split.test), has_test_split=False if
-                        cfg.dataset.get("layout") != "split_folders" else True)
+        check_fractions(float(cfg.split.val), float(cfg.split.test), has_test_split=has_test_split(cfg.dataset))
         master_url(cfg.cluster)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    t = cfg.train
-    for key, ok, want in (("epochs", int(t.epochs) >= 1, "an integer >= 1"),
-                          ("batch_size", int(t.batch_size) >= 1, "an integer >= 1"),
-                          ("lr", float(t.lr) > 0, "a positive number")):
-        if not ok:
-            raise ConfigError(f"train.{key}={t[key]} must be {want}")
-    if not str(t.objective).startswith("test_"):
-        raise ConfigError(f"train.objective={t.objective} must be a test metric such as test_accuracy or test_macro_f1")
+    TrainConfig.from_cfg(cfg.train)
+    if not str(cfg.train.objective).startswith("test_"):
+        raise ConfigError(f"train.objective={cfg.train.objective} must be a test metric such as test_accuracy or "
+                          "test_macro_f1")
+
+
+# ---------------------------------------------------------------- typed schemas (defaults live in conf/, not here)
+
+OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop")
+LR_SCHEDULES = ("none", "plateau", "cosine")
+CLASS_WEIGHTS = (None, "balanced")
+ES_MODES = ("auto", "min", "max")
+
+
+@dataclass(frozen=True)
+class Augment:
+    """Training-batch augmentation (`train.augment`): never applied to val/test."""
+    flip: bool  # left-right flips
+    rotation: float  # max rotation as a fraction of a full turn
+    brightness: float  # max brightness shift as a fraction of the pixel range
+    contrast: float  # max contrast change factor (0 = off)
+
+    @property
+    def active(self) -> bool:
+        return bool(self.flip or self.rotation or self.brightness or self.contrast)
+
+
+@dataclass(frozen=True)
+class EarlyStopping:
+    monitor: str  # a Keras log key: val_loss, val_accuracy, ...
+    patience: int  # 0 = off
+    mode: str = "auto"  # auto: max for accuracy-like keys, min otherwise (schedule.improves is the one rule)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The `train` group, typed and validated once (`from_cfg`); backends read it, never the raw config."""
+    epochs: int
+    batch_size: int
+    optimizer: str
+    lr: float
+    weight_decay: float
+    lr_schedule: str
+    early_stopping: EarlyStopping
+    augment: Augment
+    shuffle_buffer: int
+    class_weight: str | None
+    verbose: int
+    objective: str
+    measure_baseline: bool
+    resume: bool
+
+    @classmethod
+    def from_cfg(cls, train) -> "TrainConfig":
+        """From the `train` config (DictConfig or dict): every key checked, one ConfigError line per mistake."""
+        raw = OmegaConf.to_container(train, resolve=True) if isinstance(train, DictConfig) else dict(train)
+        return _typed(cls, raw, "train")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+_CHOICES = {"train.optimizer": OPTIMIZERS, "train.lr_schedule": LR_SCHEDULES, "train.class_weight": CLASS_WEIGHTS,
+            "train.early_stopping.mode": ES_MODES}
+_MINIMUM = {"train.epochs": 1, "train.batch_size": 1, "train.shuffle_buffer": 0, "train.weight_decay": 0,
+            "train.early_stopping.patience": 0, "train.augment.rotation": 0, "train.augment.brightness": 0,
+            "train.augment.contrast": 0, "train.verbose": 0}
+
+
+def _typed(cls, raw, key: str):
+    """A dataclass from a mapping: unknown or missing keys, wrong types, bad choices and ranges are one line."""
+    import difflib
+    import typing
+
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{key} must be a mapping of settings, got {raw!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for k in raw:
+        if k not in fields:
+            near = difflib.get_close_matches(str(k), fields, n=1)
+            raise ConfigError(f"{key}.{k} is not a setting of {key}" + (f"; did you mean {key}.{near[0]}?" if near
+                                                                         else f"; valid: {', '.join(fields)}"))
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for name, f in fields.items():
+        full = f"{key}.{name}"
+        if name not in raw:
+            if f.default is not dataclasses.MISSING:
+                continue
+            raise ConfigError(f"{full} is missing; set it in conf/config.yaml or on the command line ({full}=...)")
+        value, kind = raw[name], hints[name]
+        if dataclasses.is_dataclass(kind):
+            out[name] = _typed(kind, value, full)
+            continue
+        out[name] = value = _coerce(value, kind, full)
+        if full in _CHOICES and value not in _CHOICES[full]:
+            valid = ", ".join("null" if c is None else c for c in _CHOICES[full])
+            raise ConfigError(f"{full}={value} must be one of {valid}")
+        if full in _MINIMUM and value < _MINIMUM[full]:
+            raise ConfigError(f"{full}={value} must be >= {_MINIMUM[full]}")
+    if key == "train" and not out["lr"] > 0:
+        raise ConfigError(f"train.lr={out['lr']} must be a positive number")
+    return cls(**out)
+
+
+def _coerce(value, kind, key: str):
+    """bool / int / float / str (optionally None) from YAML or the command line; anything else is a ConfigError."""
+    import typing
+
+    args = typing.get_args(kind)
+    optional = type(None) in args
+    base = next((a for a in args if a is not type(None)), kind) if args else kind
+    if value is None or (isinstance(value, str) and value.lower() in ("null", "none") and optional):
+        if optional:
+            return None
+        raise ConfigError(f"{key} must be set (got null)")
+    want = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[base]
+    if base is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+    elif base is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif base is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            pass
+    elif isinstance(value, str):
+        return value
+    raise ConfigError(f"{key}={value!r} must be {want}")
 
 
 NOT_OPTION_GROUPS = ("hydra", "local")  # conf/ folders that are not user-facing choice groups
@@ -110,3 +244,18 @@ def exit_on_bad_overrides(argv=None) -> None:
     except ConfigError as e:
         print(f"medspark: error: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+def compose_project_config(overrides=(), *, return_hydra_config: bool = False) -> DictConfig:
+    """The project's config as the `medspark` command composes it (conf/, conf/local, `overrides`), for code that
+    runs outside a Hydra app: compare, predict, tests, notebooks (with the `hydra` node when asked, as a sweep's
+    callbacks see it). Hydra's global state is cleared before and after."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+            return compose("config", overrides=list(overrides), return_hydra_config=return_hydra_config)
+    finally:
+        GlobalHydra.instance().clear()

@@ -381,3 +381,22 @@ def evaluate(y_true, probs, class_names, out_dir, history=None,
         written.append(training_curves_png(history, out / "training_curves.png"))
     written.append(roc_curves_png(y, p, names, out / "roc_curves.png"))
     return metrics, written
+
+
+def evaluate_split(model, data, out_dir, history=None) -> dict[str, float]:
+    """A trained model on the test split of `data` (data.materialize.Materialized), predicted batch by batch (never
+    all in memory), then `evaluate` into out_dir/evaluation; metrics and files are logged to the active MLflow run."""
+    import mlflow
+
+    from .data import loader
+
+    probs, labels = [], []
+    for x, y in loader.dataset(data.split_url("test"), data.shape, 128, training=False):
+        probs.append(model.predict_on_batch(x))
+        labels.append(y.numpy())
+    metrics, files = evaluate(np.concatenate(labels), np.concatenate(probs), data.classes, Path(out_dir) / "evaluation",
+                              history=history)
+    mlflow.log_metrics(metrics)
+    for f in files:
+        mlflow.log_artifact(str(f), "evaluation")
+    return metrics

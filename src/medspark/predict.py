@@ -183,30 +183,25 @@ def tracking_uris(opts) -> tuple[str | None, str | None]:
         return opts["tracking_uri"], None
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"], None
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
+    from .config import compose_project_config
 
-    from .config import config_dir
-
-    GlobalHydra.instance().clear()
     try:
-        with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-            t = compose("config").tracking
-            return str(t.uri), (str(t.registry_uri) if t.get("registry_uri") else None)
+        t = compose_project_config().tracking
+        return str(t.uri), (str(t.registry_uri) if t.get("registry_uri") else None)
     except Exception:  # no readable config: MLflow's own default
         return None, None
-    finally:
-        GlobalHydra.instance().clear()
 
 
 def spark_session(cores, batch_size: int):
-    """A local Spark session from conf/cluster/local.yaml, quiet, with small Arrow batches (rows are images)."""
+    """A local Spark session of the project's `cluster=local` (conf/local included), quiet, with small Arrow
+    batches (rows are images)."""
     from omegaconf import OmegaConf
 
-    from .config import config_dir
+    from .config import compose_project_config
     from .spark import session
 
-    cfg = OmegaConf.merge(OmegaConf.load(Path(config_dir()) / "cluster" / "local.yaml"), {
+    local = OmegaConf.to_container(compose_project_config(["cluster=local"]).cluster, resolve=True)
+    cfg = OmegaConf.merge(local, {
         "cores": cores, "log_level": "ERROR",
         "conf": {"spark.ui.enabled": "false", "spark.ui.showConsoleProgress": "false",
                  "spark.sql.execution.arrow.maxRecordsPerBatch": str(batch_size)}})

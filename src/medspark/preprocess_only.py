@@ -15,17 +15,19 @@ import logging
 import hydra
 from omegaconf import DictConfig
 
+from . import pipeline
+from .cli import command_errors
 from .config import config_dir, exit_on_bad_overrides
-from .train import _tags, command_errors, data_run
 
 log = logging.getLogger("medspark")
 
 
 def preprocess(cfg: DictConfig, overrides: list[str] | tuple = (), spark=None) -> dict:
     """Materialize the dataset `cfg` describes and return what `summary.json` records."""
-    with data_run(cfg, overrides, spark, run_name=cfg.tracking.get("run_name") or f"preprocess-{cfg.dataset.name}",
-                  tags=_tags(cfg, overrides) | {"medspark.stage": "preprocess"},
-                  app_name=f"medspark-preprocess-{cfg.dataset.name}") as stage:
+    tags = pipeline.run_tags(cfg, overrides) | {"medspark.stage": "preprocess"}
+    with pipeline.data_run(cfg, overrides, spark, run_name=cfg.tracking.get("run_name") or
+                           f"preprocess-{cfg.dataset.name}", tags=tags,
+                           app_name=f"medspark-preprocess-{cfg.dataset.name}") as stage:
         import mlflow
 
         stage.stop_spark()

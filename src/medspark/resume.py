@@ -1,7 +1,7 @@
 """Interrupted trainings: checkpoints to resume from (train.resume=true), and MLflow runs that tell the truth.
 
 Checkpoints. Backends that train with Keras `model.fit` (`single`, `mirrored`: `supports_resume = True`) back
-up the model, the optimizer and the epoch at the end of every epoch (backends.base.Checkpoint, a Keras
+up the model, the optimizer and the epoch at the end of every epoch (`Checkpoint` below, a Keras
 BackupAndRestore) to `<paths.checkpoint_url>/<key>/` (default `<paths.data_url>/_checkpoints/<key>`: on the data's
 filesystem, so any machine that reads the data can resume). The key is `<dataset>-<backend>-<hash>` of
 everything that shapes the training: the data fingerprint, `model`, `backend`, `train` (but resume, verbose,
@@ -28,6 +28,9 @@ import json
 import logging
 import os
 import socket
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 log = logging.getLogger("medspark")
 
@@ -38,20 +41,21 @@ PROCESS_TAG = "medspark.process"
 # ---------------------------------------------------------------- config
 
 def supports(backend_cfg) -> bool:
-    """Whether the backend's class declares `supports_resume` (it trains with model.fit and base.Checkpoint)."""
-    from hydra.utils import get_class
+    """Whether the configured backend declares `supports_resume` (it honours TrainJob.checkpoint)."""
+    from .backends import build
 
     try:
-        return bool(getattr(get_class(backend_cfg._target_), "supports_resume", False))
-    except Exception:  # an unknown _target_ fails later, with the backend's own message
+        return bool(build(backend_cfg).supports_resume)
+    except Exception:  # a bad backend setting is reported by the backend itself, in one line
         return False
 
 
-def check(cfg) -> None:
+def check(cfg, backend=None) -> None:
     """train.resume=true on a backend that cannot resume: one line, before anything starts."""
     from .config import ConfigError
 
-    if cfg.train.get("resume") and not supports(cfg.backend):
+    resumable = backend.supports_resume if backend is not None else supports(cfg.backend)
+    if cfg.train.get("resume") and not resumable:
         raise ConfigError(f"train.resume=true but backend={cfg.backend.name} trains on Spark executors and keeps no "
                           "checkpoints to resume from (backends that can: single, mirrored); drop train.resume or "
                           "use one of those")
@@ -175,6 +179,126 @@ def end_dead_runs(current_run_id: str) -> list[str]:
 
 # ---------------------------------------------------------------- the checkpoint of one training
 
+@dataclass
+class Checkpoint:
+    """Where a backend that trains with `model.fit` backs up its training at the end of every epoch, so that a
+    killed run can go on from there (train.resume=true). Made by `prepare`; keras_fit.callbacks adds it.
+
+    `<directory>/backup/`: Keras BackupAndRestore (model weights, optimizer state, epoch), two generations, so
+    a backup cut in half falls back to the one before. `<directory>/medspark.json`: the run and process that
+    own it, and the per-epoch history so far (Keras keeps none). Both are written at every epoch's end as one
+    step that a SIGTERM does not cut (medspark.interrupts.deferred), and removed when `fit` ends normally."""
+    directory: str  # a local path, or a URL TensorFlow's file system knows (hdfs://, gs://)
+    owner: dict[str, Any]  # recorded in medspark.json: run_id, process, key
+    history: dict[str, list[float]] = field(default_factory=dict)  # per epoch, from the first (restored ones too)
+    on_resumed: Callable[[int], None] | None = None  # called once, with the number of epochs restored (> 0)
+    on_epoch: Callable[[int], None] | None = None  # called with the number of epochs completed
+    resumed_epochs: int = 0  # epochs the backup restored (set when fit starts)
+
+    STATE = "medspark.json"
+    BACKUP = "backup"
+
+    def callback(self, others: list):
+        """The Keras callback (a BackupAndRestore). `others`: the fit's other callbacks, whose learning-rate
+        schedule state is replayed from the history on resuming."""
+        import keras
+
+        from .interrupts import deferred
+
+        ckpt = self
+
+        class _Backup(keras.callbacks.BackupAndRestore):
+            def on_train_begin(self, logs=None):
+                super().on_train_begin(logs)  # restores weights + optimizer, sets the epoch fit starts from
+                ckpt._restored(int(getattr(self.model, "_initial_epoch", None) or 0), others)
+
+            def on_epoch_end(self, epoch, logs=None):
+                with deferred():  # history, backup and MLflow tag agree, whenever a SIGTERM comes
+                    ckpt._record(epoch, logs or {})  # the history first: it may run ahead of the backup, never behind
+                    super().on_epoch_end(epoch, logs)  # the Keras backup of this epoch
+                    if ckpt.on_epoch:
+                        ckpt.on_epoch(epoch + 1)
+                    ckpt._save(epoch + 1)  # epochs_completed last: it never runs ahead of the backup
+
+            def on_train_end(self, logs=None):
+                super().on_train_end(logs)  # deletes the backup
+                ckpt.remove()
+
+        return _Backup(backup_dir=f"{self.directory}/{self.BACKUP}", double_checkpoint=True)
+
+    def _restored(self, epochs: int, others: list) -> None:
+        self.resumed_epochs = epochs
+        self.history = {k: v[:epochs] for k, v in self.history.items()}
+        if not epochs:
+            self.history = {}
+            return
+        from .backends.schedule import LrSchedule
+
+        log.info("resuming from the checkpoint in %s: %d epoch(s) done, training from epoch %d", self.directory,
+                 epochs, epochs + 1)
+        for cb in others:  # e.g. lr_schedule=plateau: its best/wait/rate follow from the val_loss history
+            state = getattr(cb, "schedule", None)
+            if isinstance(state, LrSchedule):
+                for i in range(epochs):
+                    state.lr_for(i)
+                    state.end_epoch({k: v[i] for k, v in self.history.items() if len(v) > i})
+        if self.on_resumed:
+            self.on_resumed(epochs)
+
+    def _record(self, epoch: int, logs: dict) -> None:
+        for k, v in logs.items():
+            try:
+                value = float(v)
+            except (TypeError, ValueError):
+                continue
+            vals = self.history.setdefault(k, [])
+            del vals[epoch:]
+            vals.append(value)
+        self._save(epoch)
+
+    def _save(self, epochs_completed: int) -> None:
+        write_checkpoint_state(self.directory, {**self.owner, "epochs_completed": epochs_completed,
+                                                "history": self.history,
+                                                "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+
+    def remove(self) -> None:
+        import tensorflow as tf
+
+        if tf.io.gfile.exists(self.directory):
+            tf.io.gfile.rmtree(self.directory)
+
+
+def read_checkpoint_state(directory: str) -> dict | None:
+    """The medspark.json of a checkpoint folder, or None (absent or unreadable)."""
+    import json
+
+    import tensorflow as tf
+
+    path = f"{directory}/{Checkpoint.STATE}"
+    try:
+        if not tf.io.gfile.exists(path):
+            return None
+        with tf.io.gfile.GFile(path, "r") as f:
+            return json.loads(f.read())
+    except Exception as e:  # a torn or foreign file: treated as no checkpoint
+        log.warning("ignoring unreadable checkpoint state %s: %s", path, e)
+        return None
+
+
+def write_checkpoint_state(directory: str, state: dict) -> None:
+    """medspark.json, replaced whole (written beside it, then renamed over it)."""
+    import json
+
+    import tensorflow as tf
+
+    tf.io.gfile.makedirs(directory)
+    path = f"{directory}/{Checkpoint.STATE}"
+    with tf.io.gfile.GFile(path + ".tmp", "w") as f:
+        f.write(json.dumps(state))
+    tf.io.gfile.rename(path + ".tmp", path, overwrite=True)
+
+
+
 def _usable(directory: str, cfg, key: str) -> str:
     """`directory` when TensorFlow can write there; else a local fallback under paths.work_dir, with a warning
     (e.g. an s3a:// data URL: TensorFlow's file system knows hdfs:// and gs://, not Hadoop's s3a)."""
@@ -192,18 +316,17 @@ def _usable(directory: str, cfg, key: str) -> str:
         return fallback
 
 
-def prepare(cfg, data, run_id: str):
+def prepare(cfg, data, run_id: str, backend=None):
     """The Checkpoint for this training (None: backend without checkpoints, or paths.checkpoint_url=null):
     resumed from the one under this config's key when train.resume=true, else a fresh one. Records the links
     between the runs in MLflow (see the module docstring)."""
     import tensorflow as tf
 
-    from .backends.base import Checkpoint, read_checkpoint_state, write_checkpoint_state
     from .config import ConfigError
 
     resume = bool(cfg.train.get("resume"))
     root = checkpoint_root(cfg)
-    if root is None or not supports(cfg.backend):
+    if root is None or not (backend.supports_resume if backend is not None else supports(cfg.backend)):
         if resume:
             log.warning("train.resume=true but paths.checkpoint_url is null (checkpoints off): training from the "
                         "first epoch")

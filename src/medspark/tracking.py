@@ -1,6 +1,7 @@
 """Everything MLflow: where runs go, what a run records, how it ends, and the registered model."""
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -268,7 +269,6 @@ def log_training(result) -> None:
 def baseline_key(data_fingerprint: str, model_cfg: dict, epochs: int) -> str:
     """Runs with equal keys trained the same model on the same data for the same epochs: comparable speeds."""
     import hashlib
-    import json
 
     blob = json.dumps({"data": data_fingerprint, "model": model_cfg, "epochs": int(epochs)}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -360,6 +360,48 @@ def model_uri(info, registered_name: str | None) -> str:
     if registered_name and info.registered_model_version:
         return f"models:/{registered_name}/{info.registered_model_version}"
     return info.model_uri
+
+
+def log_models(model, data, cfg):
+    """Both models of a training run, with two test images as input example: `model` (Keras) and `classifier`
+    (medspark.serving); registered when tracking.registered_model is set. Returns their (model, classifier) infos."""
+    from omegaconf import OmegaConf
+
+    from .data import loader
+    from .data.preprocess import PreprocessConfig
+
+    name = cfg.tracking.get("registered_model")
+    example, _ = loader.read_arrays(data.split_url("test"), limit=2)
+    info = log_model(model, example.astype("float32"), name)
+    pre = PreprocessConfig.from_mapping(OmegaConf.to_container(cfg.preprocess))
+    return info, log_classifier(model, pre, data.classes, example, name)
+
+
+SUMMARY_TEST = ("test_accuracy", "test_macro_f1", "test_roc_auc_ovr", "test_n")  # the summary's headline metrics
+
+
+def run_summary(cfg, run, models, metrics: dict, result, speed: dict, timings: dict, champion) -> dict:
+    """What a training run's summary.json records and the console shows: where the run and its two models
+    (`models`: log_models' infos) are, the objective, the headline test metrics, speed and wall times."""
+    name = cfg.tracking.get("registered_model")
+    return {"run_id": run.info.run_id, "experiment_id": run.info.experiment_id,
+            "model_uri": model_uri(models[0], name),
+            "classifier_uri": model_uri(models[1], classifier_registered_name(name)),
+            "objective": {cfg.train.objective: float(metrics.get(cfg.train.objective, float("nan")))},
+            "test": {k: round(v, 4) for k, v in metrics.items() if k in SUMMARY_TEST},
+            "training": {"backend": cfg.backend.name, "workers": result.workers,
+                         "images_per_second": round(result.images_per_second, 1),
+                         **{k: round(v, 3) for k, v in speed.items()}},
+            "seconds": {k: round(v, 1) for k, v in timings.items() if k.endswith("seconds")},
+            "champion": champion}
+
+
+def print_summary(summary: dict, uri: str) -> None:
+    print("\n=== medspark run finished ===", flush=True)
+    print(json.dumps(summary, indent=2))
+    print(f"run id:   {summary['run_id']}")
+    print(f"model:    {summary['model_uri']}")
+    print(f"MLflow UI: {store_uri_for_ui(uri)}   (then open http://127.0.0.1:5000)", flush=True)
 
 
 def store_uri_for_ui(uri: str) -> str:

@@ -23,7 +23,9 @@ from contextlib import contextmanager
 import numpy as np
 
 from ..data import loader
-from .base import BackendError, TrainJob, TrainResult, compile_model, free_port, recalibrate_batchnorm
+from .api import BackendError, TrainJob, TrainResult
+from .keras_fit import compile_model
+from .placement import driver_host, free_port
 from .elephas_sync import partitions_for
 
 log = logging.getLogger(__name__)
@@ -72,7 +74,7 @@ def _stop(server) -> None:
 
 
 class ElephasAsync:
-    name = "elephas_async"
+    supports_resume = False  # Spark workers keep no checkpoints
 
     def __init__(self, mode: str = "asynchronous", frequency: str = "epoch", workers: int | None = None,
                  bind_host: str | None = None, advertise_host: str | None = None, port: int | None = None):
@@ -82,14 +84,10 @@ class ElephasAsync:
             raise BackendError(f"backend.frequency={frequency!r} must be one of {', '.join(FREQUENCIES)}")
         self.mode, self.frequency, self.workers = mode, frequency, workers
         self.bind_host, self.advertise_host, self.port = bind_host, advertise_host, port
-        self.name = "elephas_hogwild" if mode == "hogwild" else "elephas_async"
 
     def hosts(self, spark) -> tuple[str, str]:
         """(address the server binds, address executors connect to)."""
-        driver = spark.conf.get("spark.driver.host", None) or "127.0.0.1"
-        local = spark.sparkContext.master.startswith("local")
-        bind = self.bind_host or ("127.0.0.1" if local else driver)
-        return bind, self.advertise_host or ("127.0.0.1" if local else driver)
+        return driver_host(spark, self.bind_host), driver_host(spark, self.advertise_host)
 
     def fit(self, job: TrainJob) -> TrainResult:
         import keras
@@ -98,12 +96,12 @@ class ElephasAsync:
 
         keras.utils.set_random_seed(job.seed)
         t, d, sc = job.train, job.data, job.spark.sparkContext
-        n, bs, epochs = partitions_for(job, self.workers, self.name), int(t.batch_size), int(t.epochs)
+        n, bs, epochs = partitions_for(job, self.workers, self.name), t.batch_size, t.epochs
         bind, advertise = self.hosts(job.spark)
         port = int(self.port or free_port(bind))
         rdd = loader.spark_rows(job.spark, d.split_url("train"), d.shape, n).persist(StorageLevel.MEMORY_AND_DISK)
         model = job.build_model()
-        compile_model(model, t)
+        compile_model(model, job)
         initial = model.get_weights()
         updates = sc.accumulator(0)
         with _local_ip(bind):
@@ -128,7 +126,7 @@ class ElephasAsync:
         moved = float(np.mean([np.abs(a - b).mean() for a, b in zip(model.get_weights(), initial)]))
         bn_batches = recalibrate_batchnorm(model, job.dataset("train", False, bs), batches=50)
         val = model.evaluate(job.dataset("val", False, bs), verbose=0, return_dict=True)
-        if t.get("verbose", 2):
+        if t.verbose:
             print(f"{self.name}: {epochs} epochs in {seconds:.0f}s, {updates.value} updates from {n} workers, val "
                   + " - ".join(f"{k}: {v:.4f}" for k, v in val.items()), flush=True)
         history = {f"val_{k}": [float(v)] for k, v in val.items()}
@@ -139,3 +137,28 @@ class ElephasAsync:
                                    "augmentation": "not applied"},
                            metrics={"ps_updates": updates.value, "ps_mean_abs_weight_change": moved,
                                     "bn_recalibration_batches": bn_batches})
+
+
+def recalibrate_batchnorm(model, dataset, batches: int = 50) -> int:
+    """Re-estimate BatchNorm moving statistics as the plain average of up to `batches` training batches'
+    statistics (forward passes in training mode; weights untouched; whatever the old statistics were).
+    For asynchronous training, where summed updates from workers that started from the same weights
+    overshoot the moving statistics (the moving variance can even go negative). Returns batches used."""
+    import keras
+
+    layers = [layer for layer in model._flatten_layers()
+              if isinstance(layer, keras.layers.BatchNormalization) and layer.trainable]
+    if not layers:
+        return 0
+    saved = [layer.momentum for layer in layers]
+    used = 0
+    try:
+        for x, _ in dataset.take(batches):
+            for layer in layers:  # moving = moving * m + batch * (1 - m), m = i / (i + 1): the running mean
+                layer.momentum = used / (used + 1)
+            model(x, training=True)  # Keras 3 BatchNormalization assigns its moving stats in call()
+            used += 1
+    finally:
+        for layer, m in zip(layers, saved):
+            layer.momentum = m
+    return used

@@ -15,8 +15,10 @@ import time
 import numpy as np
 
 from ..data import loader
-from .base import BackendError, TrainJob, TrainResult, compile_model, task_slots
-from .schedule import LrSchedule
+from .api import BackendError, TrainJob, TrainResult
+from .keras_fit import compile_model
+from .placement import task_slots
+from .schedule import EarlyStop, LrSchedule
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +29,7 @@ def partitions_for(job: TrainJob, workers: int | None, backend: str) -> int:
     n = int(workers or task_slots(job.spark))
     if n < 1:
         raise BackendError(f"backend.workers={workers} must be >= 1 (backend={backend})")
-    rows, bs = job.data.sizes["train"], int(job.train.batch_size)
+    rows, bs = job.data.sizes["train"], job.train.batch_size
     if rows // n <= bs:
         raise BackendError(f"backend={backend}: {rows} training rows over {n} workers is {rows // n} per worker, not "
                            f"more than train.batch_size={bs}; lower backend.workers or train.batch_size")
@@ -36,36 +38,8 @@ def partitions_for(job: TrainJob, workers: int | None, backend: str) -> int:
     return n
 
 
-class Schedule:
-    """Early stopping (as keras EarlyStopping(restore_best_weights=True)) and the learning-rate schedule (the
-    shared schedule.LrSchedule, the same rule model.fit backends use) for loops that are not `model.fit`."""
-
-    def __init__(self, train):
-        self.rates = LrSchedule(train)
-        es = train.get("early_stopping") or {}
-        self.monitor, self.patience = es.get("monitor", "val_loss"), int(es.get("patience") or 0)
-        self.best, self.best_epoch, self.best_weights = None, -1, None
-
-    @property
-    def lr(self) -> float:
-        return self.rates.lr
-
-    def lr_for(self, epoch: int) -> float:
-        return self.rates.lr_for(epoch)
-
-    def end_epoch(self, epoch: int, logs: dict, weights) -> bool:
-        """Record the epoch; True when training should stop (no improvement for `patience` epochs)."""
-        self.rates.end_epoch(logs)
-        value = logs.get(self.monitor)
-        better = value is not None and (self.best is None or (value > self.best if "acc" in self.monitor
-                                                              else value < self.best))
-        if better:
-            self.best, self.best_epoch, self.best_weights = value, epoch, weights
-        return bool(self.patience) and epoch - self.best_epoch >= self.patience
-
-
 class ElephasSync:
-    name = "elephas_sync"
+    supports_resume = False  # Spark workers keep no checkpoints
 
     def __init__(self, workers: int | None = None):
         self.workers = workers
@@ -77,40 +51,41 @@ class ElephasSync:
 
         keras.utils.set_random_seed(job.seed)
         t, d = job.train, job.data
-        n, bs = partitions_for(job, self.workers, self.name), int(t.batch_size)
+        n, bs = partitions_for(job, self.workers, self.name), t.batch_size
         rdd = loader.spark_rows(job.spark, d.split_url("train"), d.shape, n).persist(StorageLevel.MEMORY_AND_DISK)
         model = job.build_model()
-        compile_model(model, t)
+        compile_model(model, job)
         spark_model = SparkModel(model, num_workers=None, batch_size=bs)  # partitioned above: no second shuffle
         val = job.dataset("val", False, bs)
-        schedule, history, epoch_seconds = Schedule(t), {}, []
+        rates, stop, history, epoch_seconds = LrSchedule(t), EarlyStop(t), {}, []  # the rules model.fit follows
         start = time.perf_counter()
         try:
-            for epoch in range(int(t.epochs)):
+            for epoch in range(t.epochs):
                 t0 = time.perf_counter()
-                model.optimizer.learning_rate.assign(schedule.lr_for(epoch))  # serialized to the workers
+                model.optimizer.learning_rate.assign(rates.lr_for(epoch))  # serialized to the workers
                 seen = len(spark_model.training_histories)
                 spark_model.fit(rdd, epochs=1, batch_size=bs, verbose=0, shuffle=True, class_weight=job.class_weight())
                 worker_logs = [h for h in spark_model.training_histories[seen:] if h]
                 logs = {k: float(np.mean([h[k][-1] for h in worker_logs])) for k in ("loss", "accuracy")}
                 logs |= {f"val_{k}": float(v) for k, v in model.evaluate(val, verbose=0, return_dict=True).items()}
-                logs["learning_rate"] = schedule.lr
+                logs["learning_rate"] = rates.lr
                 epoch_seconds.append(time.perf_counter() - t0)
                 for k, v in logs.items():
                     history.setdefault(k, []).append(v)
-                if t.get("verbose", 2):
+                if t.verbose:
                     print(f"elephas_sync epoch {epoch + 1}/{t.epochs} - {epoch_seconds[-1]:.0f}s - {len(worker_logs)} "
                           f"workers - " + " - ".join(f"{k}: {v:.4f}" for k, v in logs.items()), flush=True)
-                if schedule.end_epoch(epoch, logs, model.get_weights()):
-                    log.info("early stopping after epoch %d: best %s at epoch %d", epoch + 1, schedule.monitor,
-                             schedule.best_epoch + 1)
+                rates.end_epoch(logs)
+                if stop.end_epoch(epoch, logs, model.get_weights()):
+                    log.info("early stopping after epoch %d: best %s at epoch %d", epoch + 1, stop.monitor,
+                             stop.best_epoch + 1)
                     break
         finally:
             rdd.unpersist()
         seconds = time.perf_counter() - start
-        if schedule.best_weights is not None:
-            model.set_weights(schedule.best_weights)  # as EarlyStopping(restore_best_weights=True)
+        if stop.best_weights is not None:
+            model.set_weights(stop.best_weights)  # as EarlyStopping(restore_best_weights=True)
         return TrainResult(model, history, epoch_seconds, seconds, d.sizes["train"] * len(epoch_seconds), workers=n,
                            global_batch_size=bs * n,
                            params={"mode": "synchronous", "averaging": "per epoch", "augmentation": "not applied"},
-                           metrics={"best_epoch": schedule.best_epoch})
+                           metrics={"best_epoch": stop.best_epoch})

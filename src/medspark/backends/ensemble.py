@@ -17,14 +17,14 @@ import dataclasses
 import functools
 import logging
 import math
-import os
 import time
 from typing import Any
 
 import numpy as np
 
-from .base import (BackendError, EpochTimer, TrainJob, TrainResult, callbacks, combine_histories, compile_model,
-                   history_dict, task_slots)
+from . import keras_fit
+from .api import BackendError, TrainJob, TrainResult
+from .placement import is_local, limit_threads, task_slots
 
 log = logging.getLogger(__name__)
 
@@ -40,17 +40,16 @@ class Member:
 
 
 class Ensemble:
-    name = "ensemble"
+    supports_resume = False  # members keep no checkpoints
 
     def __init__(self, members: int = 3, member_dropout=None, member_l2=None, sample_fraction: float = 1.0,
-                 weighting: str = "accuracy", threads_per_member: int | None = None, name: str = "ensemble"):
+                 weighting: str = "accuracy", threads_per_member: int | None = None):
         self.members = members
         self.member_dropout = _as_list(member_dropout)
         self.member_l2 = _as_list(member_l2)
         self.sample_fraction = sample_fraction
         self.weighting = weighting
         self.threads_per_member = threads_per_member
-        self.name = name
 
     # ------------------------------------------------------------ driver
 
@@ -97,14 +96,13 @@ class Ensemble:
         at once (local mode), else the cores Spark gives each task (spark.task.cpus) on a cluster."""
         if self.threads_per_member:
             return int(self.threads_per_member)
-        sc = spark.sparkContext
-        if sc.master.startswith("local"):
+        if is_local(spark):
             return max(1, task_slots(spark) // max(1, parallel))
-        return max(1, int(sc.getConf().get("spark.task.cpus", "1")))
+        return max(1, int(spark.sparkContext.getConf().get("spark.task.cpus", "1")))
 
     def fit(self, job: TrainJob) -> TrainResult:
         self._check()
-        n, t, d = self.members, job.train, job.data
+        n, d = self.members, job.data
         if not d.sizes.get("train"):
             raise BackendError("backend=ensemble: the train split is empty; nothing to bootstrap")
         specs = self.member_specs(job.seed)
@@ -167,7 +165,7 @@ class Ensemble:
                  params["member_weights"], metrics.get("ensemble_val_accuracy"))
         return TrainResult(ensemble, combine_histories([r["history"] for r in results]), epoch_seconds, seconds,
                            sum(r["images_seen"] for r in results), workers=parallel,
-                           global_batch_size=int(t.batch_size), params=params, metrics=metrics)
+                           global_batch_size=job.train.batch_size, params=params, metrics=metrics)
 
 
 def _as_list(values) -> list:
@@ -176,6 +174,19 @@ def _as_list(values) -> list:
     if isinstance(values, (int, float)) and not isinstance(values, bool):
         return [values]
     return list(values)
+
+
+def combine_histories(histories: list[dict[str, list[float]]]) -> dict[str, list[float]]:
+    """Per-member Keras histories -> one: the mean of every metric at every epoch all members reached."""
+    histories = [h for h in histories if h]
+    if not histories:
+        return {}
+    keys = set.intersection(*(set(h) for h in histories))
+    out = {}
+    for k in sorted(keys):
+        n = min(len(h[k]) for h in histories)
+        out[k] = [float(sum(h[k][i] for h in histories) / len(histories)) for i in range(n)]
+    return out
 
 
 def vote_weights(accuracies: list[float], weighting: str = "accuracy") -> list[float]:
@@ -211,84 +222,57 @@ def _train_members(job: TrainJob, threads: int, fraction: float, specs):
         yield _train_member(job, m, threads, fraction)
 
 
-def _limit_threads(threads: int) -> None:
-    """Before TensorFlow starts in this Python worker; a reused worker keeps the pools it already has."""
-    for var in ("TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS", "OMP_NUM_THREADS"):
-        os.environ[var] = str(threads)
-    import tensorflow as tf
-
-    try:
-        tf.config.threading.set_intra_op_parallelism_threads(threads)
-        tf.config.threading.set_inter_op_parallelism_threads(threads)
-    except RuntimeError:
-        if tf.config.threading.get_intra_op_parallelism_threads() != threads:
-            log.warning("ensemble: TensorFlow already started in this Spark worker with %d threads (wanted %d)",
-                        tf.config.threading.get_intra_op_parallelism_threads(), threads)
-
-
 def bootstrap_dataset(images: np.ndarray, labels: np.ndarray, index: np.ndarray, batch_size: int, seed: int,
                       augment, threads: int):
-    """tf.data over one bootstrap sample (row `index[j]` of the in-memory split), reshuffled every epoch,
-    batched, cast and augmented like loader.dataset. Gathers by index: the split is held once, not copied."""
+    """tf.data over one bootstrap sample (row `index[j]` of the in-memory split), reshuffled every epoch, then the
+    loader's own batch/cast/augment tail. Gathers by index: the split is held once, not copied."""
     import tensorflow as tf
 
-    from ..data.loader import augment_layer
+    from ..data.loader import batches
 
     x, y = tf.constant(images), tf.constant(labels.astype(np.int32))
     ds = tf.data.Dataset.from_tensor_slices(index.astype(np.int64))
-    ds = ds.shuffle(len(index), seed=seed, reshuffle_each_iteration=True).batch(batch_size)
-    ds = ds.map(lambda i: (tf.cast(tf.gather(x, i), tf.float32), tf.gather(y, i)))
-    if augment is not None and augment.active:
-        layer = augment_layer(augment, seed)
-        ds = ds.map(lambda a, b: (layer(a, training=True), b))
+    ds = ds.shuffle(len(index), seed=seed, reshuffle_each_iteration=True).map(lambda i: (tf.gather(x, i),
+                                                                                         tf.gather(y, i)))
     opts = tf.data.Options()
     opts.threading.private_threadpool_size = threads  # tf.data's own pool shares the task's cores too
-    return ds.with_options(opts).prefetch(2)
+    return batches(ds, batch_size, augment, seed).with_options(opts)
 
 
 def _train_member(job: TrainJob, m: Member, threads: int, fraction: float) -> dict:
     import socket
 
-    _limit_threads(threads)
+    limit_threads(threads, threads)  # before TensorFlow starts in this Python worker (a reused one keeps its pools)
     import keras
 
     from ..data.loader import read_arrays
 
     keras.backend.clear_session()  # Spark reuses Python workers: start from a clean Keras state
-    keras.utils.set_random_seed(m.seed)
-    t, d = job.train, job.data
-    bs = int(t.batch_size)
+    d, bs, epochs = job.data, job.train.batch_size, job.train.epochs
     images, labels = read_arrays(d.split_url("train"))  # this executor reads Petastorm itself
     rng = np.random.default_rng([int(job.seed), m.index])
     index = rng.integers(0, len(labels), max(1, round(fraction * len(labels))))  # with replacement
-    ds = bootstrap_dataset(images, labels, index, bs, m.seed, job.augment, threads)
+    ds = bootstrap_dataset(images, labels, index, bs, m.seed, job.train.augment, threads)
     del images
     xv, yv = read_arrays(d.split_url("val"))
     xv = xv.astype("float32")
 
-    model = job.build_model(**m.overrides)
-    compile_model(model, t)
-    timer = EpochTimer()
-    epochs = int(t.epochs)
-
     class Progress(keras.callbacks.Callback):  # one line per epoch, tagged with the member (tasks interleave)
         def on_epoch_end(self, epoch, logs=None):
-            if t.get("verbose", 2):
+            if job.train.verbose:
                 vals = " ".join(f"{k}={v:.4f}" for k, v in sorted((logs or {}).items())
                                 if isinstance(v, (int, float)))
                 print(f"[ensemble member {m.index}] epoch {epoch + 1}/{epochs} {vals}", flush=True)
 
-    start = time.perf_counter()
-    hist = model.fit(ds, validation_data=(xv, yv) if len(yv) else None, validation_batch_size=bs, epochs=epochs,
-                     callbacks=[timer, *callbacks(t, math.ceil(len(index) / bs)), Progress()],
-                     class_weight=job.class_weight(), shuffle=False, verbose=0)  # the dataset reshuffles
-    seconds = time.perf_counter() - start
+    result = keras_fit.fit(job, ds, (xv, yv) if len(yv) else None, batch_size=bs, validation_batch_size=bs,
+                           images_per_epoch=len(index), seed=m.seed, model_overrides=m.overrides,
+                           extra_callbacks=(Progress(),), verbose=0)  # the dataset reshuffles
     if len(yv):
-        probs = model.predict(xv, batch_size=bs, verbose=0).astype("float32")
+        probs = result.model.predict(xv, batch_size=bs, verbose=0).astype("float32")
         acc = float((probs.argmax(1) == yv).mean())
     else:
         probs, acc = np.zeros((0, 0), "float32"), float("nan")
-    return {"index": m.index, "weights": [np.asarray(w) for w in model.get_weights()], "val_accuracy": acc,
-            "val_probs": probs, "val_labels": yv, "history": history_dict(hist), "epoch_seconds": list(timer.seconds),
-            "images_seen": len(index) * len(timer.seconds), "seconds": seconds, "threads": threads,
+    return {"index": m.index, "weights": [np.asarray(w) for w in result.model.get_weights()], "val_accuracy": acc,
+            "val_probs": probs, "val_labels": yv, "history": result.history, "epoch_seconds": result.epoch_seconds,
+            "images_seen": result.images_seen, "seconds": result.train_seconds, "threads": threads,
             "unique_rows": int(len(np.unique(index))), "host": socket.gethostname()}

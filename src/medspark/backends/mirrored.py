@@ -8,10 +8,9 @@ each global batch across the replicas.
 from __future__ import annotations
 
 import logging
-import math
-import time
 
-from .base import BackendError, EpochTimer, TrainJob, TrainResult, callbacks, compile_model, history_dict
+from . import keras_fit
+from .api import BackendError, TrainJob, TrainResult
 
 log = logging.getLogger(__name__)
 
@@ -42,37 +41,23 @@ def devices(gpus: int | None, cpu_replicas: int) -> list[str]:
 
 
 class Mirrored:
-    name = "mirrored"
-    supports_resume = True  # model.fit with base.Checkpoint: train.resume=true continues a killed run
+    supports_resume = True  # keras_fit with the job's checkpoint: train.resume=true continues a killed run
 
     def __init__(self, gpus: int | None = None, cpu_replicas: int = 2, per_replica_batch: int | None = None):
         self.gpus, self.cpu_replicas, self.per_replica_batch = gpus, cpu_replicas, per_replica_batch
 
     def fit(self, job: TrainJob) -> TrainResult:
-        import keras
         import tensorflow as tf
 
-        keras.utils.set_random_seed(job.seed)
         strategy = tf.distribute.MirroredStrategy(devices(self.gpus, self.cpu_replicas))
         replicas = strategy.num_replicas_in_sync
-        t, d = job.train, job.data
-        bs = int(self.per_replica_batch or t.batch_size) * replicas
+        bs = int(self.per_replica_batch or job.train.batch_size) * replicas
         log.info("mirrored: %d replicas on %s, global batch %d", replicas, strategy.extended.worker_devices, bs)
-        with strategy.scope():
-            model = job.build_model()
-            compile_model(model, t)
-        timer = EpochTimer()
-        start = time.perf_counter()
-        hist = model.fit(job.dataset("train", True, bs),
-                         validation_data=job.dataset("val", False, bs) if d.sizes["val"] else None,
-                         epochs=int(t.epochs),
-                         callbacks=[timer, *callbacks(t, math.ceil(d.sizes["train"] / bs), job.checkpoint)],
-                         class_weight=job.class_weight(), shuffle=False, verbose=t.get("verbose", 2))
-        seconds = time.perf_counter() - start
+        result = keras_fit.fit(job, job.dataset("train", True, bs),
+                               job.dataset("val", False, bs) if job.data.sizes["val"] else None, batch_size=bs,
+                               strategy=strategy, workers=replicas,
+                               params={"devices": ",".join(strategy.extended.worker_devices)})
         plain = job.build_model()  # the same weights outside the strategy: predicts, saves and loads like any model
-        plain.set_weights(model.get_weights())
-        ckpt = job.checkpoint  # resumed: its history also holds the epochs trained before the interruption
-        return TrainResult(plain, ckpt.history if ckpt else history_dict(hist), timer.seconds, seconds,
-                           d.sizes["train"] * len(timer.seconds), workers=replicas, global_batch_size=bs,
-                           params={"devices": ",".join(strategy.extended.worker_devices)},
-                           resumed_epochs=ckpt.resumed_epochs if ckpt else 0)
+        plain.set_weights(result.model.get_weights())
+        result.model = plain
+        return result

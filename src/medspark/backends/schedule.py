@@ -1,13 +1,15 @@
-"""The learning-rate schedule of the `train` config (`train.lr_schedule`), defined once for every backend.
+"""The learning-rate schedule and early stopping of the `train` config, defined once for every backend.
 
-`model.fit` loops (single, mirrored, spark_barrier, ensemble) get it as a Keras callback (`keras_callbacks`,
-called by base.callbacks); loops that are not `model.fit` (elephas_sync's epoch loop) drive `LrSchedule`
-themselves. Both compute every rate with the same code:
+`model.fit` loops (single, mirrored, spark_barrier, ensemble) get them as Keras callbacks (`keras_callbacks`,
+called by keras_fit.callbacks); loops that are not `model.fit` (elephas_sync's epoch loop) drive `LrSchedule`
+and `EarlyStop` themselves. Both compute every decision with the same code. Rates (`train.lr_schedule`):
 - `none`: train.lr throughout;
 - `cosine`: 0.5 * lr * (1 + cos(pi * epoch / epochs)), set at the start of each epoch (0-based);
 - `plateau`: the rule of keras ReduceLROnPlateau(monitor="val_loss", factor=0.5, patience=2, min_lr=1e-6,
   min_delta=1e-4): after 2 epochs in a row without val_loss improving on its best by more than 1e-4, halve
   the rate (not below 1e-6) and start counting again.
+Early stopping (`train.early_stopping`): stop after `patience` epochs in a row in which `monitor` did not improve
+on its best (`mode`: min, max, or auto = `direction(monitor)`), and restore the best epoch's weights.
 Pure Python (no TensorFlow import), so it is cheap to test and to ship to executors.
 """
 from __future__ import annotations
@@ -25,8 +27,45 @@ def cosine_lr(epoch: int, base_lr: float, epochs: int) -> float:
     return 0.5 * base_lr * (1 + math.cos(math.pi * epoch / max(1, epochs)))
 
 
+MAX_KEYS = ("acc", "auc", "f1", "precision", "recall", "ap")  # metrics where higher is better
+
+
+def _get(cfg, key, default=None):
+    """A setting from a TrainConfig, a DictConfig or a dict."""
+    return cfg.get(key, default) if hasattr(cfg, "get") else getattr(cfg, key, default)
+
+
+def direction(monitor: str, mode: str = "auto") -> str:
+    """'max' or 'min': what counts as better for `monitor` (auto: max for accuracy/AUC/F1-like keys)."""
+    if mode in ("min", "max"):
+        return mode
+    name = monitor.lower().removeprefix("val_")
+    return "max" if any(k in name.split("_") or name.startswith(k) for k in MAX_KEYS) else "min"
+
+
+class EarlyStop:
+    """Keras EarlyStopping(restore_best_weights=True, min_delta=0) as plain Python, for epoch loops that are not
+    model.fit; keras_fit builds the Keras callback from the same `monitor`, `patience` and `direction`."""
+
+    def __init__(self, train):
+        es = _get(train, "early_stopping") or {}
+        self.monitor, self.patience = _get(es, "monitor", "val_loss"), int(_get(es, "patience") or 0)
+        self.mode = direction(self.monitor, _get(es, "mode", "auto") or "auto")
+        self.best, self.best_epoch, self.best_weights = None, -1, None
+
+    def better(self, value, best) -> bool:
+        return best is None or (value > best if self.mode == "max" else value < best)
+
+    def end_epoch(self, epoch: int, logs: dict, weights) -> bool:
+        """Record the epoch; True when training should stop (no improvement for `patience` epochs)."""
+        value = logs.get(self.monitor)
+        if value is not None and self.better(value, self.best):
+            self.best, self.best_epoch, self.best_weights = value, epoch, weights
+        return bool(self.patience) and epoch - self.best_epoch >= self.patience
+
+
 def kind_of(train) -> str:
-    kind = train.get("lr_schedule", "none") or "none"
+    kind = _get(train, "lr_schedule", "none") or "none"
     if kind not in KINDS:
         raise ValueError(f"train.lr_schedule={kind!r} must be one of {', '.join(KINDS)}")
     return kind
@@ -37,7 +76,7 @@ class LrSchedule:
     the epoch's val_loss). `lr` is the rate the current epoch trains with."""
 
     def __init__(self, train):
-        self.kind, self.base_lr, self.epochs = kind_of(train), float(train.lr), int(train.epochs)
+        self.kind, self.base_lr, self.epochs = kind_of(train), float(_get(train, "lr")), int(_get(train, "epochs"))
         self.lr, self.best, self.wait = self.base_lr, None, 0
 
     def lr_for(self, epoch: int) -> float:
@@ -66,11 +105,18 @@ class LrSchedule:
 
 
 def keras_callbacks(train) -> list:
-    """[a Keras callback that applies LrSchedule in model.fit] ([] for `none`). Like Keras' own schedule
-    callbacks, it records the rate each epoch trained with as logs["learning_rate"] (history, MLflow)."""
-    if kind_of(train) == "none":
-        return []
+    """Keras callbacks for model.fit: EarlyStopping (when patience > 0; restores the best weights) and one that
+    applies LrSchedule (not for `none`). Like Keras' own schedule callbacks, the latter records the rate each
+    epoch trained with as logs["learning_rate"] (history, MLflow)."""
     import keras
+
+    out = []
+    stop = EarlyStop(train)
+    if stop.patience:
+        out.append(keras.callbacks.EarlyStopping(monitor=stop.monitor, patience=stop.patience, mode=stop.mode,
+                                                 restore_best_weights=True, verbose=1))
+    if kind_of(train) == "none":
+        return out
 
     class ScheduleCallback(keras.callbacks.Callback):
         def __init__(self):
@@ -88,4 +134,4 @@ def keras_callbacks(train) -> list:
             logs["learning_rate"] = self.schedule.lr
             self.schedule.end_epoch(logs)
 
-    return [ScheduleCallback()]
+    return out + [ScheduleCallback()]

@@ -46,8 +46,9 @@ import sys
 import time
 from dataclasses import dataclass
 
-from .base import BackendError, EpochTimer, TrainJob, TrainResult, callbacks, compile_model, free_port, \
-    history_dict, require_slots, task_slots
+from . import keras_fit
+from .api import BackendError, TrainJob, TrainResult
+from .placement import free_port, host, limit_threads, require_slots, task_slots
 
 log = logging.getLogger(__name__)
 NAME = "spark_barrier"
@@ -77,16 +78,15 @@ class WorkerSpec:
 
 
 class SparkBarrier:
-    name = NAME
+    supports_resume = False  # workers keep no checkpoints
 
     def __init__(self, workers: int | None = None, bind_host: str | None = None, validation: str = "auto",
                  intra_op_threads: int | None = None, inter_op_threads: int | None = None,
-                 reader_pool: str = "dummy", reader_workers: int = 4, timeout_s: float = 21600, name: str = NAME):
+                 reader_pool: str = "dummy", reader_workers: int = 4, timeout_s: float = 21600):
         if validation not in ("auto", "sharded", "full"):
             raise BackendError(f"backend.validation={validation!r} must be one of auto, sharded, full")
         if workers is not None and int(workers) < 1:
             raise BackendError(f"backend.workers={workers} must be >= 1 (or null = every task slot)")
-        self.name = name  # the config's `name` key (passed along by instantiate); only ever spark_barrier
         self.workers, self.bind_host, self.validation = workers, bind_host, validation
         self.intra, self.inter = intra_op_threads, inter_op_threads
         self.reader_pool, self.reader_workers, self.timeout_s = reader_pool, int(reader_workers), float(timeout_s)
@@ -107,7 +107,7 @@ class SparkBarrier:
                 f"backend={NAME} asks for backend.workers={n} but the train split has only {groups} Parquet row "
                 f"group(s) and Petastorm shards by row group; lower backend.workers or write smaller row groups: "
                 f"materialize.row_group_size_mb=<smaller> materialize.rebuild=true")
-        bs = int(t.batch_size)
+        bs = t.batch_size
         global_bs = bs * n
         steps = d.sizes["train"] // global_bs
         if steps < 1:
@@ -130,9 +130,8 @@ class SparkBarrier:
         from pyspark import cloudpickle
 
         spec = self.plan(job)
-        n, t = spec.workers, job.train
-        bs = int(t.batch_size)
-        blob = cloudpickle.dumps((portable(job), spec))
+        n, bs = spec.workers, job.train.batch_size
+        blob = cloudpickle.dumps((dataclasses.replace(job, spark=None), spec))  # the session stays in the driver
         sc = job.spark.sparkContext
         log.info("%s: %d workers x batch %d, %d steps/epoch, validation %s (%d steps)", NAME, n, bs,
                  spec.steps_per_epoch, "sharded" if spec.validation_sharded else "full", spec.validation_steps)
@@ -151,7 +150,7 @@ class SparkBarrier:
         chief = load_result(out[0])
 
         model = job.build_model()
-        compile_model(model, t)
+        keras_fit.compile_model(model, job)
         model.set_weights(chief["weights"])
         epochs_run = len(chief["epoch_seconds"])
         return TrainResult(
@@ -165,15 +164,6 @@ class SparkBarrier:
                     "isolation": "subprocess per task"},
             metrics={"barrier_stage_seconds": stage_seconds,
                      "barrier_startup_seconds": max(0.0, stage_seconds - chief["fit_seconds"])})
-
-
-def portable(job: TrainJob) -> TrainJob:
-    """The job as executors get it: no SparkSession, and the `train` config resolved to a plain DictConfig."""
-    from omegaconf import DictConfig, OmegaConf
-
-    t = job.train
-    t = OmegaConf.create(OmegaConf.to_container(t, resolve=True) if isinstance(t, DictConfig) else dict(t))
-    return dataclasses.replace(job, spark=None, train=t)
 
 
 def row_groups(url: str) -> int | None:
@@ -277,14 +267,9 @@ def barrier_task(_, blob: bytes, spec: WorkerSpec):
 
     ctx = BarrierTaskContext.get()
     index = ctx.partitionId()
-    if spec.bind_host:
-        host = spec.bind_host
-    elif spec.local_mode:
-        host = "127.0.0.1"
-    else:
-        host = ctx.getTaskInfos()[index].address.rsplit(":", 1)[0]
-    port = free_port(host)
-    addresses = list(ctx.allGather(f"{host}:{port}"))
+    address = host(spec.bind_host, spec.local_mode, lambda: ctx.getTaskInfos()[index].address.rsplit(":", 1)[0])
+    port = free_port(address)
+    addresses = list(ctx.allGather(f"{address}:{port}"))
     try:
         cpus = int(ctx.cpus())
     except Exception:
@@ -404,18 +389,13 @@ def worker_main(tmp: str) -> None:
     addresses = json.loads(os.environ["TF_CONFIG"])["cluster"]["worker"]
     intra, inter = (int(x) for x in os.environ["MEDSPARK_BARRIER_THREADS"].split(","))
 
+    limit_threads(intra, inter)  # before anything starts TensorFlow's runtime
     import tensorflow as tf
 
-    tf.config.threading.set_intra_op_parallelism_threads(intra)  # before anything starts TensorFlow's runtime
-    tf.config.threading.set_inter_op_parallelism_threads(inter)
     strategy = tf.distribute.MultiWorkerMirroredStrategy(
         communication_options=tf.distribute.experimental.CommunicationOptions(
             implementation=tf.distribute.experimental.CommunicationImplementation.RING))
-    import keras
-
-    keras.utils.set_random_seed(job.seed)
-    t, n = job.train, spec.workers
-    bs = int(t.batch_size)
+    n, bs = spec.workers, job.train.batch_size
     cw = job.class_weight()
     weights = tf.constant([cw.get(i, 1.0) for i in range(len(job.data.classes))], tf.float32) if cw else None
 
@@ -442,21 +422,15 @@ def worker_main(tmp: str) -> None:
 
     train_ds = strategy.distribute_datasets_from_function(train_fn)
     val_ds = strategy.distribute_datasets_from_function(val_fn) if spec.validation_steps else None
-    with strategy.scope():
-        model = job.build_model()
-        compile_model(model, t)
-    keras_multi_worker_fixes(model, strategy, tuple(job.data.shape), weighted=weights is not None)
-    timer = EpochTimer()
-    start = time.perf_counter()
-    hist = model.fit(train_ds, steps_per_epoch=spec.steps_per_epoch, validation_data=val_ds,
-                     validation_steps=spec.validation_steps or None, epochs=int(t.epochs),
-                     callbacks=[timer, *callbacks(t, spec.steps_per_epoch)], shuffle=False,  # the loader shuffles
-                     verbose=t.get("verbose", 2) if index == 0 else 0)
-    fit_seconds = time.perf_counter() - start
+    result = keras_fit.fit(
+        job, train_ds, val_ds, batch_size=bs, steps_per_epoch=spec.steps_per_epoch,
+        validation_steps=spec.validation_steps or None, strategy=strategy, class_weight=False,  # in the data
+        prepare=lambda model: keras_multi_worker_fixes(model, strategy, tuple(job.data.shape), weights is not None),
+        verbose=None if index == 0 else 0)
     out = {"done": True}
     if index == 0:
-        out.update(weights=model.get_weights(), history=history_dict(hist), epoch_seconds=timer.seconds,
-                   fit_seconds=fit_seconds, addresses=addresses, threads=(intra, inter))
+        out.update(weights=result.model.get_weights(), history=result.history, epoch_seconds=result.epoch_seconds,
+                   fit_seconds=result.train_seconds, addresses=addresses, threads=(intra, inter))
     part = os.path.join(tmp, RESULT + ".part")
     with open(part, "wb") as f:
         f.write(dump_result(out))

@@ -1,5 +1,5 @@
-"""Data: sources (layouts -> listings), preprocess (pure image functions), splits, materialize (Spark ->
-Petastorm), loader (Petastorm -> tf.data), synthetic (the built-in phantom set)."""
+"""Data: sources (one module per dataset source -> listings), preprocess (pure image functions), splits,
+materialize (Spark -> Petastorm), loader (Petastorm -> tf.data), synthetic (the built-in phantom set)."""
 import warnings
 
 # petastorm 0.13.1 drives pyarrow 14's legacy ParquetDataset API (the one version pair that works together):

@@ -8,21 +8,10 @@ worker of a distributed backend reads only its own shard of row groups.
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
 
 import numpy as np
 
-
-@dataclass(frozen=True)
-class Augment:
-    flip: bool = True  # left-right flips: brain MRIs are roughly symmetric
-    rotation: float = 0.05  # max rotation as a fraction of a full turn (0.05 = 18 degrees)
-    brightness: float = 0.1  # max brightness shift as a fraction of the pixel range
-    contrast: float = 0.0  # max contrast change factor (0 = off)
-
-    @property
-    def active(self) -> bool:
-        return bool(self.flip or self.rotation or self.brightness or self.contrast)
+from ..config import Augment  # train.augment, typed (re-exported here for the loader's callers)
 
 
 def read_rows(url: str, shuffle: bool, seed: int | None = None, shard: int | None = None, num_shards: int | None = None,
@@ -85,7 +74,7 @@ def augment_layer(aug: Augment, seed: int):
 
 
 def dataset(url: str, shape: tuple[int, int, int], batch_size: int, training: bool, seed: int = 0,
-            augment: Augment | None = None, shuffle_buffer: int = 1024, shard: int | None = None,
+            augment: Augment | None = None, shuffle_buffer: int = 0, shard: int | None = None,
             num_shards: int | None = None, workers: int = 4, pool: str = "dummy", rows: int | None = None):
     """A tf.data.Dataset of (float32 images in [0, 255], int32 labels) batches from a Petastorm split.
     rows: the split's row count when the whole split is read (gives Keras its progress totals)."""
@@ -103,8 +92,16 @@ def dataset(url: str, shape: tuple[int, int, int], batch_size: int, training: bo
         ds = ds.apply(tf.data.experimental.assert_cardinality(rows))
     if training and shuffle_buffer > 1:
         ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+    return batches(ds, batch_size, augment if training else None, seed)
+
+
+def batches(ds, batch_size: int, augment: Augment | None, seed: int):
+    """The tail every training input shares: (uint8 image, label) rows -> float32 batches, augmented when
+    `augment` is given and active, prefetched."""
+    import tensorflow as tf
+
     ds = ds.batch(batch_size).map(lambda x, y: (tf.cast(x, tf.float32), y), num_parallel_calls=tf.data.AUTOTUNE)
-    if training and augment is not None and augment.active:
+    if augment is not None and augment.active:
         layer = augment_layer(augment, seed)
         ds = ds.map(lambda x, y: (layer(x, training=True), y), num_parallel_calls=tf.data.AUTOTUNE)
     return ds.prefetch(tf.data.AUTOTUNE)

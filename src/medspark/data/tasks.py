@@ -12,6 +12,7 @@ import os
 import numpy as np
 
 from .preprocess import PreprocessConfig, Rejected, content_hash, decode, read_bytes
+from .schema import arrow_schema
 
 
 def encode_ndarray(image: np.ndarray) -> bytes:
@@ -44,10 +45,6 @@ def _rename(fs, src: str, dst: str) -> None:
         os.replace(src, dst)
 
 
-ARROW_COLUMNS = (("image", "binary"), ("label", "int32"), ("path", "string"), ("sha1", "string"),
-                 ("split", "string"))  # the Unischema's columns (data/schema.py), as Parquet stores them
-
-
 class _SplitFile:
     """One split's Parquet file of one task: written under a hidden temporary name (readers skip names that
     start with '.'), renamed to its final, deterministic name once complete."""
@@ -59,7 +56,7 @@ class _SplitFile:
         import pyarrow.parquet as pq
 
         self.pa, self.fs, self.split, self.group_rows = pa, fs, split, group_rows
-        self.schema = pa.schema([(name, getattr(pa, kind)(), False) for name, kind in ARROW_COLUMNS])
+        self.schema = arrow_schema()  # data/schema.py: the columns' one definition
         self.name = f"part-{index:05d}.parquet"
         self.final = f"{url}/{split}/{self.name}"
         self.tmp = f"{url}/{split}/.{self.name}.{uuid.uuid4().hex[:8]}.tmp"

@@ -1,0 +1,91 @@
+"""The backend contract: a TrainJob in, a TrainResult out, and the `Backend` protocol every strategy implements.
+
+A backend never knows which dataset it trains on (the job carries the Petastorm splits and a model builder), and
+the entrypoint never knows how the backend parallelizes. Backends that train with Keras `fit` (single, mirrored,
+each spark_barrier worker, each ensemble member) do it through `keras_fit.fit`; the Elephas backends compile with
+`keras_fit.compile_model` and follow `schedule`'s rules in their own epoch loops.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Protocol
+
+from ..config import ConfigError, TrainConfig
+from ..data import loader
+from ..data.materialize import Materialized
+
+if TYPE_CHECKING:
+    from ..resume import Checkpoint
+
+
+class BackendError(ConfigError):
+    """A backend setting that cannot work on this cluster or machine; the message says which key to change."""
+
+
+@dataclass
+class TrainJob:
+    data: Materialized
+    build_model: Callable[..., Any]  # (**model overrides, e.g. name=, dropout=) -> an uncompiled keras.Model
+    train: TrainConfig
+    spark: Any = None  # the SparkSession, for backends that train on executors
+    seed: int = 0
+    checkpoint: "Checkpoint | None" = None  # per-epoch backup for resuming (backends with supports_resume only)
+
+    def __post_init__(self):
+        if not isinstance(self.train, TrainConfig):
+            self.train = TrainConfig.from_cfg(self.train)
+
+    @classmethod
+    def from_config(cls, cfg, data: Materialized, spark=None, checkpoint=None) -> "TrainJob":
+        """The job of a composed project config: its `train` group typed, its `model` option as the builder."""
+        from hydra.utils import instantiate
+
+        def build_model(**overrides):
+            return instantiate(cfg.model, input_shape=data.shape, num_classes=len(data.classes), **overrides)
+
+        return cls(data=data, build_model=build_model, train=TrainConfig.from_cfg(cfg.train), spark=spark,
+                   seed=int(cfg.seed), checkpoint=checkpoint)
+
+    def dataset(self, split: str, training: bool, batch_size: int, shard: int | None = None,
+                num_shards: int | None = None, seed: int | None = None, pool: str = "dummy", workers: int = 4):
+        """The tf.data pipeline of one split (or of one worker's shard of its row groups), from config."""
+        d = self.data
+        return loader.dataset(d.split_url(split), d.shape, batch_size, training=training,
+                              seed=self.seed if seed is None else seed, augment=self.train.augment,
+                              shuffle_buffer=self.train.shuffle_buffer, shard=shard, num_shards=num_shards,
+                              pool=pool, workers=workers, rows=None if num_shards else d.sizes[split])
+
+    def class_weight(self) -> dict[int, float] | None:
+        """'balanced' weights classes by inverse frequency (chest X-ray is 1:2.9); null leaves them equal."""
+        if self.train.class_weight != "balanced":
+            return None
+        counts = [self.data.per_class["train"][c] for c in self.data.classes]
+        total = sum(counts)
+        return {i: total / (len(counts) * n) for i, n in enumerate(counts) if n}
+
+
+@dataclass
+class TrainResult:
+    model: Any  # keras.Model with the weights to evaluate and ship
+    history: dict[str, list[float]]  # Keras-style, per epoch (combined across workers where there are several)
+    epoch_seconds: list[float]
+    train_seconds: float
+    images_seen: int
+    workers: int = 1
+    global_batch_size: int = 0
+    params: dict[str, Any] = field(default_factory=dict)  # backend-specific, logged as MLflow params
+    metrics: dict[str, float] = field(default_factory=dict)  # backend-specific, logged as MLflow metrics
+    resumed_epochs: int = 0  # epochs restored from a checkpoint; `history` covers them, `epoch_seconds` does not
+
+    @property
+    def images_per_second(self) -> float:
+        return self.images_seen / self.train_seconds if self.train_seconds else 0.0
+
+
+class Backend(Protocol):
+    """conf/backend/<name>.yaml: `name` (set on the object by backends.build), `_target_` (the class) and its
+    options (the constructor's keyword arguments, checked there: a bad one is a BackendError before Spark)."""
+    name: str
+    supports_resume: ClassVar[bool]  # fit honours job.checkpoint (train.resume=true continues a killed run)
+
+    def fit(self, job: TrainJob) -> TrainResult: ...

@@ -1,0 +1,98 @@
+"""THE Keras fit path: every backend that trains with `model.fit` (single, mirrored, each spark_barrier worker,
+each ensemble member) calls `fit`, which builds and compiles the model from the job, wires the callbacks (early
+stopping, learning-rate schedule, resume checkpoint, epoch timer), fits and returns a TrainResult.
+
+What differs between strategies is what the backend passes in: the datasets (a whole split, a worker's shard, a
+bootstrap sample), the batch size, the distribution strategy whose scope holds the model, the seed and model
+overrides of an ensemble member, and how loud this worker is. Loss and metrics are decided in `compile_model`,
+from the job, and nowhere else (the Elephas backends compile through it too).
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Any, Callable
+
+from . import schedule
+from .api import TrainJob, TrainResult
+
+OPTIMIZERS = {"adam": "Adam", "adamw": "AdamW", "sgd": "SGD", "rmsprop": "RMSprop"}  # train.optimizer -> keras
+
+
+def compile_model(model, job: TrainJob) -> None:
+    """The optimizer of `train`, and the loss and metrics of the job's targets (integer class labels, softmax)."""
+    import keras
+
+    t = job.train
+    kwargs: dict[str, Any] = {"learning_rate": t.lr}
+    if t.optimizer == "sgd":
+        kwargs["momentum"] = 0.9
+    if t.optimizer == "adamw":
+        kwargs["weight_decay"] = t.weight_decay
+    optimizer = getattr(keras.optimizers, OPTIMIZERS[t.optimizer])(**kwargs)
+    model.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+
+
+class EpochTimer:
+    """Wall time of every epoch (Keras callback, built lazily so this module stays import-light)."""
+
+    def __new__(cls):
+        import keras
+
+        class _Timer(keras.callbacks.Callback):
+            def __init__(self):
+                super().__init__()
+                self.seconds: list[float] = []
+
+            def on_epoch_begin(self, epoch, logs=None):
+                self._t = time.perf_counter()
+
+            def on_epoch_end(self, epoch, logs=None):
+                self.seconds.append(time.perf_counter() - self._t)
+
+        return _Timer()
+
+
+def callbacks(job: TrainJob) -> list:
+    """Early stopping that restores the best weights and the learning-rate schedule (both from schedule.py), and
+    with a checkpoint the per-epoch backup that lets a killed run resume (last: it records what the others logged)."""
+    out = schedule.keras_callbacks(job.train)
+    if job.checkpoint is not None:
+        out.append(job.checkpoint.callback(others=list(out)))
+    return out
+
+
+def history_dict(history) -> dict[str, list[float]]:
+    return {k: [float(v) for v in vals] for k, vals in history.history.items()}
+
+
+def fit(job: TrainJob, train_data, val_data=None, *, batch_size: int, images_per_epoch: int | None = None,
+        steps_per_epoch: int | None = None, validation_steps: int | None = None, validation_batch_size=None,
+        strategy=None, seed: int | None = None, model_overrides: dict | None = None, class_weight: bool = True,
+        prepare: Callable[[Any], None] | None = None, extra_callbacks: tuple = (), verbose: int | None = None,
+        workers: int = 1, params: dict | None = None) -> TrainResult:
+    """Build (inside `strategy`'s scope, if any) and compile the job's model, fit it on `train_data` (validated on
+    `val_data`), and return the result. `images_per_epoch` defaults to the train split's size; `class_weight=False`
+    when the dataset carries its own sample weights; `prepare(model)` runs after compiling (strategy fixes)."""
+    import keras
+
+    keras.utils.set_random_seed(job.seed if seed is None else seed)
+    with strategy.scope() if strategy is not None else contextlib.nullcontext():
+        model = job.build_model(**(model_overrides or {}))
+        compile_model(model, job)
+    if prepare is not None:
+        prepare(model)
+    timer = EpochTimer()
+    start = time.perf_counter()
+    hist = model.fit(train_data, validation_data=val_data, epochs=job.train.epochs, steps_per_epoch=steps_per_epoch,
+                     validation_steps=validation_steps, validation_batch_size=validation_batch_size,
+                     callbacks=[timer, *callbacks(job), *extra_callbacks],
+                     class_weight=job.class_weight() if class_weight else None,
+                     shuffle=False,  # the loader shuffles (row groups, then a buffer)
+                     verbose=job.train.verbose if verbose is None else verbose)
+    seconds = time.perf_counter() - start
+    ckpt = job.checkpoint  # resumed: its history also holds the epochs trained before the interruption
+    per_epoch = job.data.sizes["train"] if images_per_epoch is None else images_per_epoch
+    return TrainResult(model, ckpt.history if ckpt else history_dict(hist), list(timer.seconds), seconds,
+                       per_epoch * len(timer.seconds), workers=workers, global_batch_size=batch_size,
+                       params=dict(params or {}), resumed_epochs=ckpt.resumed_epochs if ckpt else 0)

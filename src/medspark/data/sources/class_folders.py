@@ -1,0 +1,84 @@
+"""Class folders, root/<class>/<images> (image_folder, brain_mri_binary): the source the other folder sources extend."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ..preprocess import is_system_file
+from . import NOT_CLASSES, DatasetError, Listing, Record, check_root, files_under, log_ignored, not_inputs, walk
+
+
+class ClassFolders:
+    """Every subfolder of root is a class unless `classes` names them; the test split is carved out later."""
+    has_test_split = False
+
+    def __init__(self, root, classes: list[str] | None = None):
+        self.root, self.classes = root, list(classes) if classes else None
+
+    def folders(self, root: Path, ignored: list[tuple[str, str]]) -> dict[str, Path]:
+        """Split name -> the folder holding its <class>/ subfolders ("train": split later); what else is under
+        root goes to `ignored` with the reason."""
+        return {"train": root}
+
+    def list(self) -> Listing:
+        root = check_root(self.root)
+        ignored: list[tuple[str, str]] = []
+        folders = self.folders(root, ignored)
+        classes = class_dirs(folders["train"], self.classes, "dataset.root")
+        records = []
+        for split, folder in folders.items():
+            records += read_classes(folder, classes, split, ignored)
+        log_ignored(ignored, root)
+        return Listing(records, classes, "test" in folders, ignored)
+
+
+def class_dirs(root: Path, classes, key: str) -> list[str]:
+    present = sorted(d.name for d in root.iterdir() if _is_class_dir(d))
+    if classes is None:
+        if len(present) < 2:
+            raise DatasetError(f"{root} has {len(present)} class folder(s) {present}; a classifier needs at least 2 "
+                               f"(layout: {key}/<class>/<images>)")
+        return present
+    missing = [c for c in classes if c not in present]
+    if missing:
+        raise DatasetError(f"class folder(s) {missing} not found in {root}; found {present}. "
+                           f"Fix dataset.classes or dataset.root")
+    return list(classes)
+
+
+def _is_class_dir(d: Path) -> bool:
+    return d.is_dir() and not d.name.startswith(".") and d.name not in NOT_CLASSES
+
+
+def read_classes(folder: Path, classes: list[str], split: str, ignored: list[tuple[str, str]]) -> list[Record]:
+    """The records of one folder of <class>/ subfolders (predefined split: None for "train", else `split`); its
+    other entries go to `ignored`. A training class without a single candidate image is an error."""
+    for entry in sorted(folder.iterdir()):
+        if entry.name in classes and entry.is_dir():
+            continue
+        if not entry.is_dir():
+            why = "not in a class folder (layout: <root>/<class>/<images>)"
+        elif entry.name.startswith("."):
+            why = "hidden folder, not a class"
+        elif entry.name in NOT_CLASSES:
+            why = f"{entry.name} holds archive metadata, not a class"
+        else:
+            why = f"folder {entry.name!r} is not one of dataset.classes {classes}"
+        not_inputs(entry, why, ignored)
+    records = []
+    for label, cls in enumerate(classes):
+        cls_dir = folder / cls
+        files = walk(cls_dir, ignored) if cls_dir.is_dir() else []
+        if split == "train" and not any(not is_system_file(f) for f in files):
+            raise DatasetError(_empty_class(cls_dir, cls, files, classes, folder))
+        records.extend(Record(f, label, None if split == "train" else split) for f in files)
+    return records
+
+
+def _empty_class(cls_dir: Path, cls: str, files: list[str], classes: list[str], folder: Path) -> str:
+    """The one line for a class without a single candidate image: what is there, and the two ways out."""
+    what = "is empty" if not files else f"holds no images, only {len(files)} system file(s) such as " \
+                                       f"{os.path.basename(files[0])}"
+    others = [c for c in classes if c != cls and any(not is_system_file(f) for f in files_under(folder / c))]
+    return (f"class folder {cls_dir} {what}; add images to it, or set dataset.classes to the classes to use "
+            f"(with images: {others})")
