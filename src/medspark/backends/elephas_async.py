@@ -24,7 +24,7 @@ import numpy as np
 
 from ..data import loader
 from .api import BackendError, TrainJob, TrainResult
-from .keras_fit import compile_model
+from .keras_fit import compile_model, recalibrate_batchnorm
 from .placement import driver_host, free_port
 from .elephas_sync import partitions_for
 
@@ -138,27 +138,3 @@ class ElephasAsync:
                            metrics={"ps_updates": updates.value, "ps_mean_abs_weight_change": moved,
                                     "bn_recalibration_batches": bn_batches})
 
-
-def recalibrate_batchnorm(model, dataset, batches: int = 50) -> int:
-    """Re-estimate BatchNorm moving statistics as the plain average of up to `batches` training batches'
-    statistics (forward passes in training mode; weights untouched; whatever the old statistics were).
-    For asynchronous training, where summed updates from workers that started from the same weights
-    overshoot the moving statistics (the moving variance can even go negative). Returns batches used."""
-    import keras
-
-    layers = [layer for layer in model._flatten_layers()
-              if isinstance(layer, keras.layers.BatchNormalization) and layer.trainable]
-    if not layers:
-        return 0
-    saved = [layer.momentum for layer in layers]
-    used = 0
-    try:
-        for x, _ in dataset.take(batches):
-            for layer in layers:  # moving = moving * m + batch * (1 - m), m = i / (i + 1): the running mean
-                layer.momentum = used / (used + 1)
-            model(x, training=True)  # Keras 3 BatchNormalization assigns its moving stats in call()
-            used += 1
-    finally:
-        for layer, m in zip(layers, saved):
-            layer.momentum = m
-    return used

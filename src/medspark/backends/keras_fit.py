@@ -96,3 +96,29 @@ def fit(job: TrainJob, train_data, val_data=None, *, batch_size: int, images_per
     return TrainResult(model, ckpt.history if ckpt else history_dict(hist), list(timer.seconds), seconds,
                        per_epoch * len(timer.seconds), workers=workers, global_batch_size=batch_size,
                        params=dict(params or {}), resumed_epochs=ckpt.resumed_epochs if ckpt else 0)
+
+
+def recalibrate_batchnorm(model, dataset, batches: int = 50) -> int:
+    """Re-estimate BatchNorm moving statistics as the plain average of up to `batches` training batches'
+    statistics (forward passes in training mode; weights untouched; whatever the old statistics were).
+    For strategies whose workers keep their own statistics: asynchronous training, where summed updates from
+    workers that started from the same weights overshoot them (the moving variance can even go negative), and
+    spark_barrier, where each worker's statistics follow only its own shard. Returns batches used."""
+    import keras
+
+    layers = [layer for layer in model._flatten_layers()
+              if isinstance(layer, keras.layers.BatchNormalization) and layer.trainable]
+    if not layers:
+        return 0
+    saved = [layer.momentum for layer in layers]
+    used = 0
+    try:
+        for x, _ in dataset.take(batches):
+            for layer in layers:  # moving = moving * m + batch * (1 - m), m = i / (i + 1): the running mean
+                layer.momentum = used / (used + 1)
+            model(x, training=True)  # Keras 3 BatchNormalization assigns its moving stats in call()
+            used += 1
+    finally:
+        for layer, m in zip(layers, saved):
+            layer.momentum = m
+    return used

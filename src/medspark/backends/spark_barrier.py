@@ -14,8 +14,11 @@ row-group shards differ in size. So each worker's shard is `.repeat()`ed and eve
 may end in a partial batch). Validation is sharded the same way, ceil(val rows / global batch) steps from the
 start of each worker's shard every epoch (about the whole split: unequal shards repeat or skip a few rows),
 or, when the val split has fewer row groups than workers, every worker validates on the whole split.
-BatchNorm moving statistics are not synchronized (Keras' default): each worker's follow its own stream of
-shuffled, class-mixed rows, and the chief's are the ones shipped.
+BatchNorm moving statistics are not synchronized (Keras' default): each worker's follow its own shard, and on
+small data they lag far behind the weights (momentum 0.99), which made the shipped model's accuracy a coin flip
+between epochs. So after training the chief re-estimates them on a plain copy of its model over up to 50 batches
+of the whole train split (read on its executor; keras_fit.recalibrate_batchnorm, as elephas_async does), and
+ships those weights.
 
 Why each worker trains in a child process of its Spark task. A TensorFlow process configures its collective
 runtime (the gRPC server and cluster MWMS starts) once; Spark reuses Python workers
@@ -162,7 +165,7 @@ class SparkBarrier:
                     "validation": "sharded" if spec.validation_sharded else "full",
                     "intra_op_threads": chief["threads"][0], "inter_op_threads": chief["threads"][1],
                     "isolation": "subprocess per task"},
-            metrics={"barrier_stage_seconds": stage_seconds,
+            metrics={"bn_recalibration_batches": chief["bn_batches"], "barrier_stage_seconds": stage_seconds,
                      "barrier_startup_seconds": max(0.0, stage_seconds - chief["fit_seconds"])})
 
 
@@ -428,9 +431,13 @@ def worker_main(tmp: str) -> None:
         prepare=lambda model: keras_multi_worker_fixes(model, strategy, tuple(job.data.shape), weights is not None),
         verbose=None if index == 0 else 0)
     out = {"done": True}
-    if index == 0:
-        out.update(weights=result.model.get_weights(), history=result.history, epoch_seconds=result.epoch_seconds,
-                   fit_seconds=result.train_seconds, addresses=addresses, threads=(intra, inter))
+    if index == 0:  # the chief's weights, its BatchNorm statistics re-estimated over the whole train split
+        model = job.build_model()  # outside the strategy: a plain copy, as the driver will rebuild it
+        model.set_weights(result.model.get_weights())
+        bn = keras_fit.recalibrate_batchnorm(model, job.dataset("train", False, bs, pool=spec.reader_pool,
+                                                                workers=spec.reader_workers), batches=50)
+        out.update(weights=model.get_weights(), history=result.history, epoch_seconds=result.epoch_seconds,
+                   fit_seconds=result.train_seconds, addresses=addresses, threads=(intra, inter), bn_batches=bn)
     part = os.path.join(tmp, RESULT + ".part")
     with open(part, "wb") as f:
         f.write(dump_result(out))
