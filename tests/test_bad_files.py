@@ -20,9 +20,11 @@ import pytest
 from PIL import Image
 
 from medspark.data import materialize as mat
+from medspark.data.names import from_text
 from medspark.data.preprocess import PreprocessConfig, decode
 from medspark.data.sources.class_folders import ClassFolders
 from medspark.data.sources.split_folders import SplitFolders
+from test_preprocess import animation, garbled, header_only_png
 
 SIZE = 32  # every decodable zoo image is SIZE x SIZE, so `pad` keeps its pixels exactly (no resampling)
 PRE = PreprocessConfig(image_size=SIZE, channels=3)  # RGB out: colour conversions are visible in the tensor
@@ -101,6 +103,34 @@ def linked_folder(path, root):
 
 def folder_loop(path, root):
     os.symlink("..", path)  # a/nested/up -> a: walking it would never end
+
+
+def garbled_jpeg(path, root):
+    """A grainy 256 px scan as JPEG with 40 bytes garbled mid-file: Pillow decodes it to garbage without a word."""
+    noise = np.random.default_rng(0).integers(0, 90, (256, 256))
+    scan = np.clip(np.tile(np.linspace(0, 255, 256), (256, 1)) // 2 + noise, 0, 255).astype(np.uint8)
+    path.write_bytes(garbled(png(Image.fromarray(scan).convert("RGB"), "JPEG", quality=90), seed=0))
+
+
+def sparse_file(size: int):
+    def make(path, root):
+        with open(path, "wb") as f:
+            f.truncate(size)  # a 600 MB export that takes no disk here
+    return make
+
+
+def check_not_read(path):
+    """Rejected from its size alone: read_bytes never opened it (a 600 MB read takes far longer than this)."""
+    from medspark.data.preprocess import Rejected, read_bytes
+
+    t0 = time.perf_counter()
+    with pytest.raises(Rejected, match="file too large"):
+        read_bytes(str(path))
+    assert time.perf_counter() - t0 < 0.05
+
+
+TWIN = png(Image.fromarray(halves((5, 90, 5), (90, 5, 5))))  # one content, filed under a and under b
+LINKED = png(Image.fromarray(halves((7, 7, 120), (120, 7, 7))))  # one file, linked into b from a
 
 
 # ---------------------------------------------------------------- checks of decoded tensors
@@ -201,6 +231,24 @@ ZOO = [
          "__MACOSX holds archive metadata, not a class"),
     Case("hidden_folder", ".ipynb_checkpoints/0-checkpoint.png", write(lambda: png(Image.new("L", (SIZE, SIZE)))),
          "ignored", "hidden folder, not a class"),
+    Case("jpeg_garbled_mid_file", "a/garbled.jpg", garbled_jpeg, "rejected",
+         "corrupt JPEG data: the image was complete before the end of its data"),
+    Case("sliver_20x5000", "a/sliver.png", write(lambda: png(Image.new("L", (20, 5000), 128))), "rejected",
+         "extreme aspect ratio: 20x5000 (250:1), over preprocess.max_aspect=10"),
+    Case("animated_gif", "a/cine.gif", write(lambda: animation("GIF")), "rejected",
+         "multi-frame file (3 frames: animation or pages), not one image; preprocess.multi_frame=first"),
+    Case("multi_page_tiff", "b/series.tif", write(lambda: animation("TIFF")), "rejected",
+         "multi-frame file (3 frames: animation or pages)"),
+    Case("png_declaring_324_mb_decoded", "b/huge_rgba.png", write(lambda: header_only_png(9000, color=6)),
+         "rejected", "too large to decode: 9000x9000 RGBA takes 324 MB, over preprocess.max_decoded_mb=128"),
+    Case("file_over_max_file_mb", "b/export_600mb.dat", sparse_file(600 * 10**6), "rejected",
+         "file too large: 600 MB, over preprocess.max_file_mb=128", check=check_not_read),
+    Case("content_under_two_labels", "a/scan_17.png", write(TWIN), "rejected", "conflicting labels: a, b"),
+    Case("content_under_two_labels_copy", "b/scan_17_copy.png", write(TWIN), "rejected", "conflicting labels: a, b"),
+    Case("file_linked_into_two_classes", "b/from_a.png", symlink_to("../a/linked.png"), "rejected",
+         "conflicting labels: a, b"),
+    Case("file_linked_into_two_classes_target", "a/linked.png", write(LINKED), "rejected",
+         "conflicting labels: a, b"),
 ]
 
 
@@ -299,6 +347,17 @@ def test_the_run_finishes_and_every_file_is_accounted_for(zoo):
             if os.path.islink(link):
                 assert link in accounted or any(p.startswith(link + os.sep) for p in accounted), link
     assert all(why for why in list(zoo.rejected.values()) + list(zoo.ignored.values()))
+
+
+def test_the_datasets_rejected_csv_lists_every_rejected_file(zoo):
+    """rejected.csv beside the splits (what a reused dataset reads back) holds exactly the run's rejections; the
+    copies of one content under two classes are all there, and in no split."""
+    with open(Path(urlparse(zoo.m.url).path) / mat.REJECTED, newline="", encoding="utf-8") as f:
+        rows = {from_text(r["path"]): from_text(r["reason"]) for r in csv.DictReader(f)}
+    assert rows == zoo.rejected
+    twins = [str(zoo.root / c.rel) for c in ZOO if c.reason == "conflicting labels: a, b"]
+    assert len(twins) == 4 and not set(twins) & set(zoo.rows)
+    assert zoo.m.label_conflicts == 2 and zoo.m.summary()["data_label_conflicts"] == 2
 
 
 def test_what_is_not_an_input_is_ignored_with_its_reason(tmp_path):

@@ -1,5 +1,6 @@
 """Every option of every config group composes and builds; bad settings fail before Spark starts, with one
 line that names the key."""
+import os
 import re
 import subprocess
 import sys
@@ -105,6 +106,15 @@ def test_every_experiment_composes(tmp_path, name):
     (["train.early_stopping.mode=up"], "train.early_stopping.mode=up must be one of auto, min, max"),
     (["train.augment.rotation=-1"], "train.augment.rotation=-1.0 must be >= 0"),
     (["+train.epoch=2"], "train.epoch is not a setting of train; did you mean train.epochs?"),
+    (["train.epochs=1.5"], "train.epochs=1.5 must be an integer"),
+    # where data and runs go: one line now, not a Java stack trace after Spark or minutes of MLflow retries
+    (["paths.data_url=s4://bucket/x"], "paths.data_url=s4://bucket/x: scheme s4:// is not supported"),
+    (["paths.data_url=ftp://host/x"], "scheme ftp:// is not supported"),
+    (["paths.checkpoint_url=s4://bucket/x"], "paths.checkpoint_url=s4://bucket/x: scheme s4://"),
+    (["tracking.uri=/etc/passwd/mlruns"], "/etc/passwd is not a folder"),
+    (["tracking.uri=sqlite:////etc/passwd/mlruns.db"], "/etc/passwd is not a folder"),
+    (["serving.max_images=ten"], "serving.max_images='ten' must be a positive integer"),
+    (["split.label_conflicts=merge"], "split.label_conflicts='merge' must be one of reject, keep"),
 ])
 def test_bad_settings_fail_early_naming_the_key(tmp_path, overrides, key):
     with pytest.raises(ConfigError, match=re.escape(key)):
@@ -283,3 +293,27 @@ def test_class_too_small_to_stratify_fails_before_spark(tmp_path, monkeypatch):
     cfg = make_cfg(tmp_path, ["dataset=image_folder", f"dataset.root={make_folder(tmp_path / 'ds', a=8, b=2)}"])
     with pytest.raises(DatasetError, match="class 'b' has 2 distinct image"):
         train(cfg)
+
+
+def test_a_tracking_server_that_is_down_is_one_line_in_seconds(tmp_path):
+    """MLflow alone retries a dead server for minutes (251 s measured); the check answers in about a second."""
+    import socket
+    import time
+
+    with socket.socket() as sock:  # a port nothing listens on (bound then closed: refused at once)
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    t0 = time.perf_counter()
+    with pytest.raises(ConfigError, match=rf"tracking.uri=http://bob:\*\*\*@127.0.0.1:{port} does not answer"):
+        check(make_cfg(tmp_path, [f"tracking.uri=http://bob:hunter2@127.0.0.1:{port}"]))
+    assert time.perf_counter() - t0 < 15
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root writes into read-only folders "
+                    "(CAP_DAC_OVERRIDE): the check has nothing to refuse; runs as a normal user")
+def test_a_read_only_tracking_folder_is_one_line(tmp_path):
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o555)
+    with pytest.raises(ConfigError, match="is not writable by this user"):
+        check(make_cfg(tmp_path, [f"tracking.uri=sqlite:///{folder}/new/mlruns.db"]))

@@ -1,6 +1,7 @@
 """Listings and splits: layouts are read as users lay them out, bad roots fail with the key to set, and
 equal contents never straddle train and test (the leak that inflates published accuracies)."""
 import hashlib
+import os
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -119,6 +120,63 @@ def test_predefined_test_split_is_honoured_and_wins_duplicates():
 def test_bad_fractions_name_the_key(val, test, match):
     with pytest.raises(ValueError, match=match):
         assign(items_from(10), ["a", "b"], val, test, 0)
+
+
+def test_one_content_under_two_labels_is_rejected_unless_kept():
+    """A copy (or one file linked into two class folders: the same content) filed as a and as b: every copy is
+    rejected with the reason by default, in no split; split.label_conflicts=keep trains each with its label."""
+    twins = [("/d/0/dup.png", 0, "same", None), ("/d/1/dup.png", 1, "same", None), ("/d/1/dup2.png", 1, "same", None)]
+    items = items_from(10) + twins
+    rep = assign(items, ["a", "b"], 0.2, 0.2, seed=0)
+    assert sorted(rep.rejected) == [(p, "conflicting labels: a, b") for p, *_ in twins]
+    assert not {p for p, *_ in twins} & set(rep.assignment) and sum(rep.sizes.values()) == 20
+    assert rep.label_conflicts == 1
+    kept = assign(items, ["a", "b"], 0.2, 0.2, seed=0, label_conflicts="keep")
+    assert not kept.rejected and len({kept.assignment[p] for p, *_ in twins}) == 1 and kept.label_conflicts == 1
+    with pytest.raises(ValueError, match=r"split\.label_conflicts='merge' must be one of reject, keep"):
+        assign(items, ["a", "b"], 0.2, 0.2, seed=0, label_conflicts="merge")
+    test_copy = items_from(10) + [("/test/x.png", 0, "x", "test"), ("/d/1/x.png", 1, "x", None)]
+    rep = assign(test_copy, ["a", "b"], 0.2, 0.2, seed=0, has_test_split=True)  # the dataset's test split too
+    assert [r for _, r in rep.rejected] == ["conflicting labels: a, b"] * 2 and rep.moved_to_test == 0
+
+
+def test_a_class_emptied_by_conflicts_names_them():
+    items = items_from(10, classes=1) + [(f"/d/1/{i}.png", 1, f"0-{i}-u", None) for i in range(3)]
+    with pytest.raises(ValueError, match=r"class 'b' has 0 distinct image\(s\).*\(3 of its files were rejected: "
+                                         r"conflicting labels\)"):
+        assign(items, ["a", "b"], 0.2, 0.2, seed=0)
+
+
+def test_a_class_folder_that_is_another_is_refused_in_one_line(tmp_path):
+    fill(tmp_path / "yes", ["1.png", "2.png"])
+    fill(tmp_path / "no", ["3.png"])
+    os.symlink(tmp_path / "yes", tmp_path / "maybe")  # every image of `yes` would be `maybe` too
+    with pytest.raises(DatasetError, match=r"^class folder \S+/maybe resolves to \S+/yes, which is the same folder as "
+                                           r"class folder \S+/yes: its images would carry both labels 'maybe' and "
+                                           r"'yes'; remove the link or leave one class out of dataset\.classes$"):
+        listing(root=str(tmp_path))
+    (tmp_path / "maybe").unlink()
+    fill(tmp_path / "yes" / "sub", ["4.png"])
+    os.symlink(tmp_path / "yes" / "sub", tmp_path / "maybe")
+    with pytest.raises(DatasetError, match=r"/maybe resolves to \S+/yes/sub, which is inside class folder \S+/yes:"):
+        listing(root=str(tmp_path))
+    assert listing(root=str(tmp_path), classes=["no", "yes"]).counts() == {"no": 1, "yes": 3}
+
+
+def test_file_names_may_be_any_bytes_but_class_names_are_text(tmp_path):
+    root = os.fsencode(tmp_path)
+    for cls in (b"a", b"b"):
+        os.makedirs(os.path.join(root, cls))
+        for name in (b"scan_\xff\xfe_latin1.png", b"line\nbreak.png", b"x" * 250):
+            open(os.path.join(root, cls, name), "wb").close()
+    found = listing(root=str(tmp_path))
+    assert found.counts() == {"a": 3, "b": 3}
+    assert os.fsdecode(os.path.join(root, b"a", b"scan_\xff\xfe_latin1.png")) in {r.path for r in found.records}
+    os.makedirs(os.path.join(root, b"caf\xe9"))
+    open(os.path.join(root, b"caf\xe9", b"1.png"), "wb").close()
+    with pytest.raises(DatasetError, match=r"class folder 'caf\\xe9' in \S+ has a name that is not UTF-8 text; "
+                                           r"rename the folder"):
+        listing(root=str(tmp_path))
 
 
 def test_too_few_images_to_stratify():

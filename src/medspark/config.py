@@ -38,7 +38,7 @@ def check(cfg: DictConfig) -> None:
     """Everything that can be checked before Spark or TensorFlow start."""
     from .data.preprocess import PreprocessConfig
     from .data.sources import has_test_split
-    from .data.splits import check_fractions
+    from .data.splits import check_fractions, check_label_conflicts
     from .spark import master_url
 
     missing = [k for k in OmegaConf.missing_keys(cfg) if not k.startswith("hydra")]
@@ -48,13 +48,47 @@ def check(cfg: DictConfig) -> None:
     try:
         PreprocessConfig.from_mapping(OmegaConf.to_container(cfg.preprocess))
         check_fractions(float(cfg.split.val), float(cfg.split.test), has_test_split=has_test_split(cfg.dataset))
+        check_label_conflicts(str(cfg.split.get("label_conflicts", "reject")))
         master_url(cfg.cluster)
+        if cfg.get("serving") is not None:  # baked into the logged classifier at the end: checked now, not then
+            from .serving import ServingLimits
+
+            ServingLimits.from_mapping(OmegaConf.to_container(cfg.serving, resolve=True))
     except ValueError as e:
         raise ConfigError(str(e)) from None
     TrainConfig.from_cfg(cfg.train)
     if not str(cfg.train.objective).startswith("test_"):
         raise ConfigError(f"train.objective={cfg.train.objective} must be a test metric such as test_accuracy or "
                           "test_macro_f1")
+    check_data_url("paths.data_url", cfg.paths.data_url)
+    if cfg.paths.get("checkpoint_url"):
+        check_data_url("paths.checkpoint_url", cfg.paths.checkpoint_url)
+    from .tracking import check_store
+
+    check_store(cfg.tracking)
+
+
+# Where materialized data can live: what Petastorm and Spark both open here. file and hdfs are built in; the
+# object stores need their fsspec package on the driver and executors (and Hadoop's connector jar for Spark).
+DATA_SCHEMES = {"file": None, "hdfs": None, "viewfs": None, "s3": "s3fs", "s3a": "s3fs", "s3n": "s3fs",
+                "gs": "gcsfs", "gcs": "gcsfs", "abfs": "adlfs", "abfss": "adlfs"}
+
+
+def check_data_url(key: str, url) -> None:
+    """A data URL whose scheme nothing here can open is one line now, not a Java stack trace after Spark starts."""
+    import importlib.util
+
+    url = str(url)
+    if "://" not in url:
+        return  # a plain path: file://
+    scheme = url.split("://", 1)[0].lower()
+    if scheme not in DATA_SCHEMES:
+        raise ConfigError(f"{key}={url}: scheme {scheme}:// is not supported for datasets; use a path, file://, "
+                          f"hdfs://, s3a://, gs:// or abfss://")
+    package = DATA_SCHEMES[scheme]
+    if package and importlib.util.find_spec(package) is None:
+        raise ConfigError(f"{key}={url} needs the Python package {package} (pip install {package}, on the driver "
+                          f"and the executors), which is not installed")
 
 
 # ---------------------------------------------------------------- typed schemas (defaults live in conf/, not here)

@@ -95,7 +95,8 @@ def run_tags(cfg: DictConfig, overrides=()) -> dict:
 
 def _materialize(cfg, spark, listing) -> mat.Materialized:
     pre = PreprocessConfig.from_mapping(OmegaConf.to_container(cfg.preprocess))
-    split = {"val": float(cfg.split.val), "test": float(cfg.split.test), "seed": int(cfg.split.seed)}
+    split = {"val": float(cfg.split.val), "test": float(cfg.split.test), "seed": int(cfg.split.seed),
+             "label_conflicts": str(cfg.split.get("label_conflicts", "reject"))}
     with _data_lock(cfg):
         data = mat.materialize(spark, listing, pre, split, cfg.paths.data_url, cfg.dataset.name,
                                row_group_size_mb=int(cfg.materialize.row_group_size_mb),

@@ -8,10 +8,12 @@ model   an MLflow URI of a packaged classifier (the run's `classifier`, see meds
 input   an image file, or a folder read recursively (names starting with `.` or `_` are skipped, as Spark's
         file reader does, so both modes see the same files)
 output  the CSV: path, predicted_class, prob_<class>..., error (one row per file, sorted by path; a file that
-        cannot become an image has no class and its reason in `error`)
+        cannot become an image has no class and its reason in `error`); UTF-8 whatever the file names: a byte
+        that is not UTF-8 is written `\\xNN`, a backslash `\\\\` (medspark.data.names.from_text reads it back)
 spark   true = distributed batch inference on a local Spark session: executors read the file bytes
         (`binaryFile`) and run the model, loaded once per Python worker, over Arrow batches (`mapInPandas`)
-cores   Spark local cores (spark=true); batch_size: images per model call / per Arrow batch
+cores   Spark local cores (spark=true); batch_size: files read at a time / per Arrow batch. The files are read
+        here (the model reads none: it takes bytes) and sent in calls within the model's `serving:` limits
 tracking_uri  the MLflow store holding `models:/` names; default $MLFLOW_TRACKING_URI, else the one
         medspark trains into (`tracking.uri` of conf/config.yaml)
 """
@@ -26,6 +28,8 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+
+from .data.names import to_text
 
 log = logging.getLogger("medspark.predict")
 KEYS = {"model": None, "input": None, "output": "predictions.csv", "spark": "false", "cores": "*",
@@ -115,14 +119,55 @@ def check_classifier(metadata, model_uri: str):
 
 # -- the two ways to predict ---------------------------------------------------------------------------------
 
-def predict_local(model, files: list[str], batch_size: int = 64):
-    """Single process: the pyfunc reads and decodes each `path` itself."""
+def model_calls(sizes: list[int], max_images: int, max_bytes: float):
+    """(start, end) of consecutive files, each run within the model's limits on images and bytes per call; a
+    file over max_bytes by itself goes alone (the model rejects it)."""
+    start, total = 0, 0
+    for i, size in enumerate(sizes):
+        if i > start and (i - start == max_images or total + size > max_bytes):
+            yield start, i
+            start, total = i, 0
+        total += size
+    if start < len(sizes):
+        yield start, len(sizes)
+
+
+def predict_contents(model, paths: list[str], contents: list):
+    """The caller's side of the classifier, which reads no file (medspark.serving): each file's bytes, or the
+    Rejected that reading it raised -> path + predictions. The bytes go in calls within the model's `serving`
+    limits; a file that could not be read keeps its reason in `error`."""
     import pandas as pd
 
-    parts = [model.predict(pd.DataFrame({"path": files[i:i + batch_size]})) for i in range(0, len(files), batch_size)]
-    out = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
-    out.insert(0, "path", files)
+    from .data.preprocess import MB, Rejected
+
+    limits = model.unwrap_python_model().limits
+    images = [None if isinstance(c, Rejected) else c for c in contents]
+    sizes = [0 if b is None else len(b) for b in images]
+    out = pd.concat([model.predict(pd.DataFrame({"image": images[a:b]}))
+                     for a, b in model_calls(sizes, limits.max_images, limits.max_request_mb * MB)], ignore_index=True)
+    for i, c in enumerate(contents):
+        if isinstance(c, Rejected):
+            out.at[i, "error"] = str(c)
+    out.insert(0, "path", paths)
     return out
+
+
+def read_file(path: str):
+    """A file's bytes, or the Rejected with the reason (read_bytes: system files, unreadable, not regular)."""
+    from .data.preprocess import Rejected, read_bytes
+
+    try:
+        return read_bytes(path)
+    except Rejected as e:
+        return e
+
+
+def predict_local(model, files: list[str], batch_size: int = 64):
+    """Single process: this process reads the files, batch_size at a time, and hands their bytes to the model."""
+    import pandas as pd
+
+    batches = (files[i:i + batch_size] for i in range(0, len(files), batch_size))
+    return pd.concat([predict_contents(model, b, [read_file(p) for p in b]) for b in batches], ignore_index=True)
 
 
 _MODELS: dict = {}  # per Python worker: Spark reuses workers, so a model loads once per worker, not per task
@@ -140,15 +185,16 @@ def _predict_partition(model_name: str, columns: list[str]):
     """mapInPandas body: Arrow batches of (path, content) -> predictions, the model loaded once per worker."""
 
     def run(batches):
-        import pandas as pd
         from pyspark import SparkFiles
+
+        from medspark.data.preprocess import Rejected, is_system_file
 
         model = _worker_model(SparkFiles.get(model_name))
         for pdf in batches:
             paths = pdf["path"].map(local_path).tolist()
-            out = model.predict(pd.DataFrame({"image": pdf["content"].tolist(), "path": paths}))
-            out.insert(0, "path", paths)
-            yield out[columns]
+            contents = [Rejected("system file, not an image") if is_system_file(p) else c  # read_bytes' rule
+                        for p, c in zip(paths, pdf["content"].tolist())]
+            yield predict_contents(model, paths, contents)[columns]
     return run
 
 
@@ -230,6 +276,13 @@ def run(opts) -> "pd.DataFrame":  # noqa: F821
     return predict_local(model, files, opts["batch_size"])
 
 
+def write_csv(out, output: str) -> None:
+    """The predictions CSV, UTF-8 whatever the file names: `path` (and `error`, which may quote one) as
+    data/names.to_text writes them; names.from_text gives each path back."""
+    text = {c: out[c].map(lambda v: to_text(v) if isinstance(v, str) else v) for c in ("path", "error") if c in out}
+    out.assign(**text).to_csv(output, index=False)
+
+
 def main(argv: list[str]) -> int:
     if argv and argv[0] in ("-h", "--help", "help"):
         print(__doc__)
@@ -254,8 +307,9 @@ def main(argv: list[str]) -> int:
             raise
         print(f"medspark predict: error: model={opts['model']}: {str(e).strip().splitlines()[0]}", file=sys.stderr)
         return 2
-    out.to_csv(opts["output"], index=False)
+    write_csv(out, opts["output"])
     errors = int(out["error"].notna().sum()) if "error" in out else 0
     print(f"medspark predict: {len(out)} file(s), {len(out) - errors} predicted, {errors} not images "
-          f"({'spark' if opts['spark'] else 'single process'}, {time.perf_counter() - t0:.1f} s) -> {opts['output']}")
+          f"({'spark' if opts['spark'] else 'single process'}, {time.perf_counter() - t0:.1f} s) -> "
+          f"{to_text(opts['output'])}")
     return 0

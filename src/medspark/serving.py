@@ -1,21 +1,30 @@
 """The model at work: the trained Keras model packaged with its own preprocessing as an MLflow pyfunc model.
 
-A caller gives raw image files (bytes, base64 text or paths), never pre-resized arrays: every row goes
-through `medspark.data.preprocess.decode` with the run's `PreprocessConfig`, the very function the Spark
-job applied to the training data, so a served prediction sees the pixels training saw.
+A caller gives the raw image files' bytes, never paths and never pre-resized arrays. The model reads no file: when
+it is served (`mlflow models serve`), a path would name a file on the server's disk. `medspark predict` reads the
+caller's files on the caller's side and hands their bytes over. Every image goes through
+`medspark.data.preprocess.decode` with the run's `PreprocessConfig`, the very function the Spark job applied to the
+training data, so a served prediction sees the pixels training saw.
 
     model = mlflow.pyfunc.load_model("models:/medspark-synthetic-classifier/1")
-    model.predict(pd.DataFrame({"path": ["scan.png"]}))           # or {"image": [file bytes or base64 text]}
+    model.predict(pd.DataFrame({"image": [Path("scan.png").read_bytes()]}))   # or base64 text
       ->  predicted_class  prob_glioma  prob_meningioma  ...  error
 
-An input that cannot become an image gets predicted_class null, probabilities NaN and the reason in `error`;
-the rest of the batch is predicted normally. What the logged model contains (`log_model`):
+A served request is untrusted. The run's `serving:` limits (`ServingLimits`, baked into the model when it is
+logged) bound what one call may cost: images per call, their bytes, and each image's declared size, checked on
+the file's header before any pixel is decoded. Only `FORMATS` are opened, so no other format's parser runs (EPS
+would run Ghostscript). An image that cannot be used gets predicted_class and probabilities null and its reason
+in `error`; the rest of the batch is predicted. A call that breaks a limit, or has no `image` column, is refused
+whole with one short message (`RequestError`: HTTP 400 when served). Nothing the model answers carries a stack
+trace: unexpected errors go to the server's log.
+
+What the logged model contains (`log_model`):
   artifacts/model.keras       the trained network (Keras 3 format)
-  artifacts/preprocess.json   {"preprocess": PreprocessConfig fields, "classes": [...], "format": ...}
+  artifacts/preprocess.json   {"preprocess": PreprocessConfig fields, "classes": [...], "serving": limits, ...}
   code/medspark/              this package's source, so the model loads where medspark is not installed
   python_model.pkl            an `ImageClassifier` (pickled by reference to this module)
-plus a signature (inputs `image` binary, `path` string, both optional; outputs as above), an input example
-(one PNG from the test split) and pinned pip requirements.
+plus a signature (input `image` binary; outputs as above), an input example (one PNG from the test split) and
+pinned pip requirements.
 """
 from __future__ import annotations
 
@@ -23,23 +32,68 @@ import base64
 import binascii
 import io
 import json
+import logging
 import math
 import shutil
 import tempfile
-from dataclasses import asdict
+import warnings
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import mlflow.pyfunc
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import BAD_REQUEST, INTERNAL_ERROR
 
-from .data.preprocess import PreprocessConfig, Rejected, decode, is_system_file, read_bytes
+from .data.preprocess import MB, PreprocessConfig, Rejected, bytes_per_pixel, decode
 
-FORMAT = "medspark-classifier/1"
+FORMATS = ("PNG", "JPEG", "BMP", "TIFF", "GIF", "WEBP")  # what scans are exported as (Pillow's names; JPEG covers MPO)
 KERAS_ARTIFACT = "keras_model"
 META_ARTIFACT = "preprocess"
-INPUT_COLUMNS = ("image", "path")
+FORMAT = "medspark-classifier/1"
 PACKAGE_DIR = Path(__file__).resolve().parent
+log = logging.getLogger("medspark.serving")
+
+
+@dataclass(frozen=True)
+class ServingLimits:
+    """What one predict call (one HTTP request when served) may cost; conf/config.yaml's `serving:` says why each.
+    These defaults apply to models logged before the limits existed."""
+    max_images: int = 32
+    max_request_mb: float = 32
+    max_pixels: int = 20_000_000
+    max_decoded_mb: float = 64
+
+    def __post_init__(self):
+        for f in fields(self):
+            value, integer = getattr(self, f.name), f.type == "int"
+            if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)) or value <= 0:
+                raise ValueError(f"serving.{f.name}={value!r} must be a positive {'integer' if integer else 'number'}")
+
+    @classmethod
+    def from_mapping(cls, m) -> "ServingLimits":
+        unknown = set(m) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown serving option(s) {sorted(unknown)}; valid: {[f.name for f in fields(cls)]}")
+        return cls(**m)
+
+
+class RequestError(MlflowException):
+    """A call refused whole (a limit, no `image` column; INTERNAL_ERROR: our own failure): HTTP 400 (500) with
+    this one-line message when served. MLflow's scoring server rewrites `message` to prefix it with a print of the
+    request's data; keeping the first value keeps the answer one short line."""
+
+    def __init__(self, message: str, error_code=BAD_REQUEST):
+        super().__init__(message, error_code=error_code)
+
+    @property
+    def message(self) -> str:
+        return self._message
+
+    @message.setter
+    def message(self, value: str):
+        self.__dict__.setdefault("_message", value)
 
 
 def prob_column(cls: str) -> str:
@@ -54,9 +108,11 @@ def _missing(v) -> bool:
     return v is None or v is pd.NA or (isinstance(v, float) and math.isnan(v))
 
 
-def _image_bytes(value) -> bytes:
+def image_bytes(value) -> bytes:
     """A cell of the `image` column -> the file's bytes. Bytes as they are; text as base64 (what JSON and
     HTTP deliver), with or without a `data:image/...;base64,` prefix."""
+    if _missing(value):
+        raise Rejected("no image: give the file's bytes (base64 text in JSON)")
     if isinstance(value, (bytes, bytearray, memoryview)):
         data = bytes(value)
     elif isinstance(value, str):
@@ -64,7 +120,7 @@ def _image_bytes(value) -> bytes:
         try:
             data = base64.b64decode("".join(text.split()), validate=True)
         except (binascii.Error, ValueError):
-            raise Rejected("image: text that is not base64 (pass the file's bytes, base64 text or a `path`)") from None
+            raise Rejected("image: text that is not base64 (pass the file's bytes or base64 text)") from None
     else:
         raise Rejected(f"image: got {type(value).__name__}; pass the image file's bytes or base64 text "
                        "(the model does its own decoding and resizing), not decoded arrays")
@@ -73,20 +129,39 @@ def _image_bytes(value) -> bytes:
     return data
 
 
-def row_bytes(image, path) -> bytes:
-    """One input row -> file bytes, or Rejected with the reason. `image` wins when both are given; a `path`
-    alone is read from the local filesystem. System files are refused by name as in training."""
-    if not _missing(path) and is_system_file(str(path)):
-        raise Rejected("system file, not an image")
-    if not _missing(image):
-        return _image_bytes(image)
-    if not _missing(path):
-        return read_bytes(str(path))
-    raise Rejected("no input: give the file's bytes or base64 text in `image`, or a file `path`")
+def check_image(data: bytes, limits: ServingLimits) -> None:
+    """Rejected unless the bytes are one of FORMATS within the declared-size limits, from the header alone
+    (Pillow reads no pixel before `load()`): no other format's parser runs, nothing big is allocated."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the limits below decide
+            with Image.open(io.BytesIO(data), formats=FORMATS) as img:
+                fmt, (w, h), mode = img.format, img.size, img.mode
+            # decode() opens the bytes without a format list (training takes any format): it must pick the same
+            # reader, so that no other format's loader (EPS: Ghostscript) can ever see bytes accepted here
+            with Image.open(io.BytesIO(data)) as img:
+                same = img.format == fmt
+    except UnidentifiedImageError:
+        raise Rejected(f"not an image in an accepted format ({', '.join(FORMATS)})") from None
+    except Image.DecompressionBombError:
+        raise Rejected(f"too large: declared size over Pillow's limit (serving.max_pixels={limits.max_pixels})") \
+            from None
+    except (OSError, ValueError, SyntaxError, EOFError) as e:  # PIL's ways of saying 'corrupt'
+        raise Rejected(f"corrupt or truncated: {e}") from None
+    if not same:
+        raise Rejected(f"ambiguous file: reads as {fmt} and as another format")
+    if w * h > limits.max_pixels:
+        raise Rejected(f"too large: declared {w}x{h} exceeds serving.max_pixels={limits.max_pixels}")
+    mb = w * h * bytes_per_pixel(mode) / MB
+    if mb > limits.max_decoded_mb:
+        raise Rejected(f"too large: declared {w}x{h} {mode} decodes to {mb:.0f} MB, over "
+                       f"serving.max_decoded_mb={limits.max_decoded_mb}")
 
 
 class ImageClassifier(mlflow.pyfunc.PythonModel):
-    """pyfunc model: raw image files in, predicted class and per-class probabilities out."""
+    """pyfunc model: image file bytes in, predicted class and per-class probabilities out."""
 
     batch_size = 64  # images per Keras call: bounds memory whatever the request size
 
@@ -96,27 +171,60 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
         meta = json.loads(Path(context.artifacts[META_ARTIFACT]).read_text())
         self.classes = list(meta["classes"])
         self.preprocess = PreprocessConfig.from_mapping(meta["preprocess"])
+        self.limits = ServingLimits.from_mapping(meta.get("serving", {}))  # logged before limits: the defaults
         self.model = keras.saving.load_model(context.artifacts[KERAS_ARTIFACT], compile=False)
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
+        try:
+            return self.predict_images(model_input)
+        except RequestError:
+            raise
+        except Exception:  # a stack trace names the server's paths: it goes to the server's log, not the answer
+            log.exception("prediction failed")
+            raise RequestError("internal error while predicting (details in the server's log)", INTERNAL_ERROR) \
+                from None
+
+    def predict_images(self, model_input) -> pd.DataFrame:
         df = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
-        if not any(c in df.columns for c in INPUT_COLUMNS):
-            raise ValueError(f"the input needs a column `image` (file bytes or base64 text) and/or `path` "
-                             f"(file paths); got columns {list(df.columns)}")
-        n = len(df)
-        images = df["image"].tolist() if "image" in df.columns else [None] * n
-        paths = df["path"].tolist() if "path" in df.columns else [None] * n
-        arrays, ok, errors = [], [], [None] * n
-        for i, (image, path) in enumerate(zip(images, paths)):
+        if "image" not in df.columns:
+            raise RequestError("no `image` column: send each image file's bytes in `image` (base64 text in JSON); "
+                               "the model reads no files, a `path` is never accepted")
+        n, limits = len(df), self.limits
+        if n > limits.max_images:
+            raise RequestError(f"{n} images in one request, more than serving.max_images={limits.max_images}: "
+                               "send smaller requests")
+        images, errors, max_bytes = [None] * n, [None] * n, limits.max_request_mb * MB
+        for i, value in enumerate(df["image"].tolist()):
             try:
-                arrays.append(decode(row_bytes(image, path), self.preprocess))
+                images[i] = image_bytes(value)
+                if len(images[i]) > max_bytes:
+                    images[i] = None
+                    raise Rejected(f"too large: file over serving.max_request_mb={limits.max_request_mb}")
+            except Rejected as e:
+                errors[i] = str(e)
+        total = sum(len(b) for b in images if b is not None)
+        if total > max_bytes:
+            raise RequestError(f"{total / MB:.1f} MB of images in one request, more than "
+                               f"serving.max_request_mb={limits.max_request_mb}: send smaller requests")
+        arrays, ok = [], []
+        for i, data in enumerate(images):
+            if data is None:
+                continue
+            try:
+                check_image(data, limits)
+                arrays.append(decode(data, self.preprocess))
                 ok.append(i)
             except Rejected as e:
                 errors[i] = str(e)
+            except Exception as e:  # a decoder's own failure: this image's, not the request's; no trace in answers
+                log.exception("image %d of the request", i)
+                errors[i] = f"could not be decoded ({type(e).__name__})"
         probs = np.full((n, len(self.classes)), np.nan)
         if arrays:
             probs[ok] = self.predict_arrays(np.stack(arrays))
-        out = pd.DataFrame(probs, columns=[prob_column(c) for c in self.classes], index=df.index)
+        # null, not NaN, where there is no prediction: answers are strict JSON
+        out = pd.DataFrame(probs, columns=[prob_column(c) for c in self.classes], index=df.index).astype(object)
+        out = out.where(~np.isnan(probs), None)
         predicted = [None] * n
         for i in ok:
             predicted[i] = self.classes[int(np.argmax(probs[i]))]
@@ -146,8 +254,8 @@ def signature(classes):
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, DataType, Schema
 
-    inputs = Schema([ColSpec(DataType.binary, "image", required=False),
-                     ColSpec(DataType.string, "path", required=False)])
+    # optional, so that a request without it gets the model's own one-line refusal rather than MLflow's
+    inputs = Schema([ColSpec(DataType.binary, "image", required=False)])
     outputs = Schema([ColSpec(DataType.string, "predicted_class", required=False),
                       *(ColSpec(DataType.double, prob_column(c), required=False) for c in classes),
                       ColSpec(DataType.string, "error", required=False)])
@@ -171,16 +279,17 @@ def pip_requirements() -> list[str]:
 
 
 def log_model(keras_model, preprocess: PreprocessConfig, classes, example_images=None, name: str = "classifier",
-              registered_model_name: str | None = None):
+              registered_model_name: str | None = None, limits: ServingLimits | None = None):
     """Log the packaged classifier into the active run; returns MLflow's ModelInfo.
     example_images: uint8 (N, H, W, C) training-preprocessed images; the first becomes the input example
-    (as a PNG file, which is what callers send)."""
+    (as a PNG file, which is what callers send). limits: the run's `serving:` config (None = the defaults)."""
     classes = [str(c) for c in classes]
+    limits = asdict(limits or ServingLimits())
     with tempfile.TemporaryDirectory(prefix="medspark-classifier-") as tmp:
         tmp = Path(tmp)
         keras_model.save(tmp / "model.keras")
         meta = {"format": FORMAT, "classes": classes, "preprocess": asdict(preprocess),
-                "input_shape": list(preprocess.shape)}
+                "input_shape": list(preprocess.shape), "serving": limits}
         (tmp / "preprocess.json").write_text(json.dumps(meta, indent=2))
         code = tmp / "code" / "medspark"
         shutil.copytree(PACKAGE_DIR, code, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
@@ -193,4 +302,5 @@ def log_model(keras_model, preprocess: PreprocessConfig, classes, example_images
             code_paths=[str(code)], signature=signature(classes), input_example=example,
             pip_requirements=pip_requirements(), registered_model_name=registered_model_name or None,
             metadata={"medspark": {"format": FORMAT, "classes": classes, "preprocess": asdict(preprocess),
-                                   "input": "DataFrame with `image` (file bytes or base64 text) and/or `path`"}})
+                                   "serving": limits, "input": "DataFrame with `image`: image file bytes "
+                                                                 "(base64 text in JSON)"}})

@@ -13,13 +13,21 @@ from pathlib import Path
 from .interrupts import terminate_raises
 
 log = logging.getLogger(__name__)
-SECRET_WORDS = ("password", "passwd", "token", "secret", "key", "credential")  # in any part of a key
+SECRET_WORDS = ("password", "passwd", "pwd", "passphrase", "token", "secret", "key", "credential", "auth",
+                "signature", "bearer", "cookie", "session")  # in any part of a key
 SECRET = re.compile("|".join(SECRET_WORDS), re.I)  # never logged in clear
 MASK = "***"
 PARAM_MAX = 6000  # MLflow's limit on a param value
 
 
-URL_PASSWORD = re.compile(r"(://[^/:@\s]+:)[^/@\s]+@")  # scheme://user:password@host
+# scheme://user:password@host: the password runs to the last '@' that a host follows ('/' and '@' inside it are
+# not escaped by everyone); erring long masks a little of the path, never leaves part of a password
+URL_PASSWORD = re.compile(r"([a-zA-Z][\w+.\-]*://[^\s:/@]*:)\S*@(?=[^\s@/?#]+(?:[/?#\s'\",;\]}]|$))")
+URL_TOKEN_USER = re.compile(r"([a-zA-Z][\w+.\-]*://)[^\s:/@]+@(?=[^\s@/?#]+)")  # scheme://TOKEN@host (no ':')
+# query parameters that carry credentials: Azure SAS ?sig=, AWS X-Amz-Signature/-Credential, ?token=, ?code=, ...
+URL_QUERY_SECRET = re.compile(r"([?&](?:sig|signature|x-amz-signature|x-amz-credential|x-amz-security-token|"
+                              r"access_token|token|code|key|apikey|api_key|password|secret)=)[^&#\s'\"]+", re.I)
+AUTH_HEADER = re.compile(r"\b(Bearer|Basic|Digest|Token|Negotiate)(\s+)[A-Za-z0-9._~+/=\-]{6,}", re.I)  # HTTP auth
 # key=value or key: value in free text (command-line overrides, Hydra dict literals, error messages) whose key
 # contains a secret word: `db.password=x`, `+aws.secret_key=x`, `{spark.hadoop.fs.s3a.secret.key:x}`
 SECRET_ASSIGNMENT = re.compile(
@@ -40,7 +48,9 @@ def mask_text(text: str) -> str:
             return m.group(0)
         return m.group(1) + m.group(2) + MASK
 
-    return SECRET_ASSIGNMENT.sub(assignment, URL_PASSWORD.sub(rf"\1{MASK}@", text))
+    text = URL_TOKEN_USER.sub(rf"\1{MASK}@", URL_PASSWORD.sub(rf"\1{MASK}@", text))
+    text = AUTH_HEADER.sub(rf"\1\2{MASK}", URL_QUERY_SECRET.sub(rf"\1{MASK}", text))
+    return SECRET_ASSIGNMENT.sub(assignment, text)
 
 
 def _mask_value(key, value):
@@ -89,6 +99,59 @@ def git_commit(cwd: Path) -> str | None:
     return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
+STORE_TIMEOUT_S = 5  # how long a tracking server may take to answer the check before Spark starts
+
+
+def check_store(tracking) -> None:
+    """The tracking store is usable, checked in seconds before anything starts (MLflow itself retries for minutes):
+    a local store's folder exists or can be made and is writable; a tracking server answers HTTP."""
+    from .config import ConfigError
+
+    uri = str(tracking.uri)
+    scheme = uri.split(":", 1)[0].lower() if ":" in uri else ""
+    if scheme in ("http", "https"):
+        import requests
+
+        try:
+            requests.get(f"{strip_credentials(uri)[0].rstrip('/')}/health", timeout=STORE_TIMEOUT_S)
+        except requests.RequestException as e:
+            raise ConfigError(f"tracking.uri={mask_text(uri)} does not answer within {STORE_TIMEOUT_S} s "
+                              f"({type(e).__name__}); start the tracking server or fix tracking.uri") from None
+        return
+    if scheme == "sqlite":
+        path = uri[len("sqlite:///"):].split("?", 1)[0] if uri.startswith("sqlite:///") else ""
+        if not path or path == ":memory:":
+            return
+        folder = Path(path).parent
+    elif scheme in ("", "file") or (len(scheme) == 1 and os.name == "nt"):
+        folder = Path(uri[len("file://"):] if scheme == "file" else uri)
+    else:
+        return  # databricks, a plugin's store: MLflow checks them itself
+    folder = folder.expanduser().absolute()
+    existing = next((p for p in (folder, *folder.parents) if p.exists()), None)
+    if existing is None or not existing.is_dir():
+        raise ConfigError(f"tracking.uri={mask_text(uri)}: {existing} is not a folder, so the store cannot be "
+                          "created there; point tracking.uri at a writable folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"tracking.uri={mask_text(uri)}: the folder {existing} is not writable by this user; "
+                          "point tracking.uri at a writable folder")
+
+
+def strip_credentials(uri: str) -> tuple[str, dict[str, str]]:
+    """An http(s) tracking URI without its user:password@ (or token@), and the MLflow variables that carry them
+    instead: MLflow then never prints or stores them (its 'View run ... at: <uri>' line included)."""
+    from urllib.parse import unquote, urlsplit, urlunsplit
+
+    parts = urlsplit(uri)
+    if parts.scheme not in ("http", "https") or "@" not in parts.netloc:
+        return uri, {}
+    userinfo, host = parts.netloc.rsplit("@", 1)
+    user, sep, password = userinfo.partition(":")
+    env = ({"MLFLOW_TRACKING_USERNAME": unquote(user), "MLFLOW_TRACKING_PASSWORD": unquote(password)} if sep
+           else {"MLFLOW_TRACKING_TOKEN": unquote(user)})
+    return urlunsplit(parts._replace(netloc=host)), env
+
+
 def configure(tracking) -> str:
     """Point MLflow at the configured store and return the experiment id. An experiment medspark creates gets
     `artifact_location`, or by default (null): `<folder of the sqlite file>/mlartifacts` for a sqlite store (the
@@ -102,7 +165,10 @@ def configure(tracking) -> str:
     mode = tracking.get("champion_mode") or "max"
     if mode not in ("max", "min"):
         raise ConfigError(f"tracking.champion_mode={mode} must be max (higher is better) or min (lower is better)")
-    uri = str(tracking.uri)
+    uri, credentials = strip_credentials(str(tracking.uri))
+    os.environ.update(credentials)  # MLflow's own variables: nothing prints or logs them
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")  # a server gone mid-run: fail in about a minute,
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")     # not after MLflow's default 7 retries x 120 s
     mlflow.set_tracking_uri(uri)
     if tracking.get("registry_uri"):
         mlflow.set_registry_uri(str(tracking.registry_uri))
@@ -345,14 +411,16 @@ def classifier_registered_name(registered_name: str | None) -> str | None:
     return f"{registered_name}-{CLASSIFIER_NAME}" if registered_name else None
 
 
-def log_classifier(model, preprocess, classes, example_images, registered_name: str | None):
+def log_classifier(model, preprocess, classes, example_images, registered_name: str | None, serving_cfg=None):
     """The model at work: the same Keras model packaged with the run's preprocessing and class names as a
     pyfunc (`medspark.serving`) that takes raw image files. A second logged model of the run, `classifier`,
-    registered as `<registered_name>-classifier` when a name is configured; the Keras model stays `model`."""
+    registered as `<registered_name>-classifier` when a name is configured; the Keras model stays `model`.
+    serving_cfg: the `serving:` limits (a mapping), baked into the model; None = their defaults."""
     from . import serving
 
+    limits = serving.ServingLimits.from_mapping(serving_cfg or {})
     return serving.log_model(model, preprocess, classes, example_images, name=CLASSIFIER_NAME,
-                             registered_model_name=classifier_registered_name(registered_name))
+                             registered_model_name=classifier_registered_name(registered_name), limits=limits)
 
 
 def model_uri(info, registered_name: str | None) -> str:
@@ -374,7 +442,8 @@ def log_models(model, data, cfg):
     example, _ = loader.read_arrays(data.split_url("test"), limit=2)
     info = log_model(model, example.astype("float32"), name)
     pre = PreprocessConfig.from_mapping(OmegaConf.to_container(cfg.preprocess))
-    return info, log_classifier(model, pre, data.classes, example, name)
+    serving_cfg = OmegaConf.to_container(cfg.serving) if cfg.get("serving") else None
+    return info, log_classifier(model, pre, data.classes, example, name, serving_cfg)
 
 
 SUMMARY_TEST = ("test_accuracy", "test_macro_f1", "test_roc_auc_ovr", "test_n")  # the summary's headline metrics

@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from . import splits as splitting
+from .names import from_text, to_text
 from .preprocess import PreprocessConfig
 from .schema import image_schema
 from .sources import Listing
@@ -130,7 +131,7 @@ def fingerprint(listing: Listing, pre: PreprocessConfig, split_cfg: dict) -> str
             stat = (st.st_size, st.st_mtime_ns)
         except OSError as e:  # unreadable entries still count: they are part of what was listed
             stat = (e.errno, 0)
-        h.update(f"{r.path}\0{r.label}\0{r.split}\0{stat}\n".encode())
+        h.update(os.fsencode(r.path) + f"\0{r.label}\0{r.split}\0{stat}\n".encode())  # a name's own bytes
     return h.hexdigest()[:16]
 
 
@@ -146,9 +147,10 @@ def _task_count(n: int, parallelism: int, max_rows: int) -> int:
 
 def materialize(spark, listing: Listing, pre: PreprocessConfig, split_cfg: dict, data_url: str, name: str,
                 row_group_size_mb: int = 8, rebuild: bool = False) -> Materialized:
-    """Build (or reuse) the Petastorm splits of a listed dataset. split_cfg: {val, test, seed}.
+    """Build (or reuse) the Petastorm splits of a listed dataset. split_cfg: {val, test, seed, label_conflicts}.
     Materialized.seconds: fingerprint and split (driver), hash, preprocess (decode + resize + Parquet write,
     on the executors) and write (Petastorm metadata)."""
+    splitting.check_label_conflicts(split_cfg.get("label_conflicts", "reject"))
     t = time.perf_counter()
     fp = fingerprint(listing, pre, dict(split_cfg))
     seconds = {"fingerprint": time.perf_counter() - t}
@@ -168,7 +170,7 @@ def materialize(spark, listing: Listing, pre: PreprocessConfig, split_cfg: dict,
     t = time.perf_counter()
     sc.setJobDescription(f"medspark: hash {n} files")
     hashed = (sc.parallelize(records, _task_count(n, sc.defaultParallelism, 25_000))
-              .mapPartitions(hash_partition).collect())
+              .mapPartitions(lambda it: hash_partition(it, pre.max_file_mb)).collect())
     seconds["hash"] = time.perf_counter() - t
     t = time.perf_counter()
     rejected, report, todo = plan_splits(hashed, listing, split_cfg)
@@ -211,9 +213,15 @@ def plan_splits(hashed, listing: Listing, split_cfg: dict):
     split report, and the rows to decode, (path, label, split, sha1), in a seeded random order."""
     rejected = [(p, why) for p, _, _, sha, why in hashed if sha is None]
     ok = [(p, label, sha, split) for p, label, split, sha, _ in hashed if sha is not None]
+    policy = split_cfg.get("label_conflicts", "reject")
     report = splitting.assign(ok, listing.classes, split_cfg["val"], split_cfg["test"], split_cfg["seed"],
-                              listing.has_test_split)
-    todo = [(p, label, report.assignment[p], sha) for p, label, sha, _ in ok]
+                              listing.has_test_split, policy)
+    if report.label_conflicts:
+        log.warning("%d content(s) are filed under more than one class: %s (split.label_conflicts=%s)",
+                    report.label_conflicts, "their files are rejected, see rejected.csv" if policy == "reject"
+                    else "each copy is trained with its own label", policy)
+    rejected += report.rejected
+    todo = [(p, label, report.assignment[p], sha) for p, label, sha, _ in ok if p in report.assignment]
     # Listings come sorted by class, and Petastorm shuffles whole row groups plus a bounded buffer: written in
     # listing order, a row group (~500 images) holds one class and batches see one or two classes at a time,
     # which wrecks BatchNorm statistics and SGD. A seeded permutation makes every row group a class mix.
@@ -268,10 +276,11 @@ def _petastorm_metadata(fs, path: str, schema, row_groups: dict[str, int]) -> No
 
 
 def rejected_csv(rejected) -> str:
+    """(path, reason) rows as CSV text, each cell as names.to_text writes it (any file name; `_load` reads back)."""
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(["path", "reason"])
-    w.writerows(rejected)
+    w.writerows((to_text(p), to_text(why)) for p, why in rejected)
     return buf.getvalue()
 
 
@@ -286,7 +295,8 @@ def _save(fs: HadoopFS, m: Materialized) -> None:
 
 def _load(fs: HadoopFS, url: str) -> Materialized:
     meta = json.loads(fs.read_bytes(f"{url}/{MANIFEST}"))
-    rows = list(csv.reader(io.StringIO(fs.read_bytes(f"{url}/{REJECTED}").decode())))[1:]
+    text = fs.read_bytes(f"{url}/{REJECTED}").decode()
+    rows = [[from_text(cell) for cell in r] for r in csv.reader(io.StringIO(text, newline=""))][1:]
     keep = {k: v for k, v in meta.items() if k in Materialized.__dataclass_fields__}
     keep.update(url=url, rejected=[tuple(r) for r in rows], shape=tuple(meta["shape"]), reused=True)
     return Materialized(**keep)

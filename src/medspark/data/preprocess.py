@@ -22,6 +22,8 @@ SYSTEM_FILES = {".ds_store", "thumbs.db", "desktop.ini", "._.ds_store", "ehthumb
                 "icon\r"}  # OS litter found in real folders (macOS, Windows Explorer, KDE)
 RESIZE_MODES = ("stretch", "pad")
 DENOISE_MODES = ("none", "median", "gaussian")
+MULTI_FRAME = ("reject", "first")
+MB = 1_000_000  # the *_mb settings count decimal megabytes, as serving's limits do
 
 
 class Rejected(Exception):
@@ -37,6 +39,10 @@ class PreprocessConfig:
     draft: bool = True  # JPEG draft mode: decode at reduced scale when the target is small (2-4x faster)
     min_side: int = 16  # smaller images carry no usable anatomy: rejected, not upsampled
     max_pixels: int = 100_000_000  # declared sizes above this are rejected (decompression bombs)
+    max_aspect: float = 10  # longer side / shorter side above this is rejected: a sliver pads to a black square
+    multi_frame: str = "reject"  # reject | first: animated GIF, multi-page TIFF (which page is the scan?)
+    max_decoded_mb: float = 128  # declared pixels x bytes per pixel above this is rejected before decoding
+    max_file_mb: float = 128  # bigger files are rejected from their size, before a byte is read
 
     def __post_init__(self):
         problems = []
@@ -50,6 +56,13 @@ class PreprocessConfig:
             problems.append(f"preprocess.denoise={self.denoise!r} must be one of {', '.join(DENOISE_MODES)}")
         if self.min_side < 1 or self.max_pixels < 1:
             problems.append("preprocess.min_side and preprocess.max_pixels must be positive")
+        if not _number(self.max_aspect) or self.max_aspect < 1:
+            problems.append(f"preprocess.max_aspect={self.max_aspect!r} must be a number >= 1 (longer side / shorter)")
+        if self.multi_frame not in MULTI_FRAME:
+            problems.append(f"preprocess.multi_frame={self.multi_frame!r} must be one of {', '.join(MULTI_FRAME)}")
+        for key in ("max_decoded_mb", "max_file_mb"):
+            if not _number(getattr(self, key)) or getattr(self, key) <= 0:
+                problems.append(f"preprocess.{key}={getattr(self, key)!r} must be a positive number of MB")
         if problems:
             raise ValueError("; ".join(problems))
 
@@ -66,6 +79,10 @@ class PreprocessConfig:
         return (self.image_size, self.image_size, self.channels)
 
 
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 def is_system_file(path: str) -> bool:
     """OS litter: .DS_Store, Thumbs.db, ..., and macOS AppleDouble companions (`._scan.jpg`, from zips and
     non-Mac filesystems), which carry a resource fork, never pixels."""
@@ -77,22 +94,30 @@ _FILE_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a named pipe"), (
                (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
 
 
-def read_bytes(path: str) -> bytes:
-    """The file's bytes, or Rejected with the OS's reason (permissions, symlink loops, directories)."""
+def read_bytes(path: str, max_file_mb: float = PreprocessConfig.max_file_mb) -> bytes:
+    """The file's bytes, or Rejected with the OS's reason (permissions, symlink loops, directories) or its size
+    (over max_file_mb: judged from the directory entry, so a 600 MB file costs no read and no memory)."""
     if is_system_file(path):
         raise Rejected("system file, not an image")
     try:
-        mode = os.stat(path).st_mode  # follows symlinks: what open() would read
-        if not stat.S_ISREG(mode):  # a FIFO would block the task forever, /dev/zero would never end
-            kind = next((k for test, k in _FILE_KINDS if test(mode)), "not a regular file")
+        st = os.stat(path)  # follows symlinks: what open() would read
+        if not stat.S_ISREG(st.st_mode):  # a FIFO would block the task forever, /dev/zero would never end
+            kind = next((k for test, k in _FILE_KINDS if test(st.st_mode)), "not a regular file")
             raise Rejected(f"not a regular file: {kind}")
+        _check_size(st.st_size, max_file_mb)
         with open(path, "rb") as f:
-            data = f.read()
+            data = f.read()  # sized from the file's length: a bounded read argument would allocate the bound
     except OSError as e:
         raise Rejected(f"unreadable: {e.strerror or type(e).__name__}") from None
     if not data:
         raise Rejected("empty file (0 bytes)")
+    _check_size(len(data), max_file_mb)  # a file that grew since stat
     return data
+
+
+def _check_size(size: int, max_file_mb: float) -> None:
+    if size > max_file_mb * MB:
+        raise Rejected(f"file too large: {size / MB:.0f} MB, over preprocess.max_file_mb={max_file_mb}")
 
 
 def content_hash(data: bytes) -> str:
@@ -102,10 +127,16 @@ def content_hash(data: bytes) -> str:
 
 def _to_8bit(img: Image.Image) -> Image.Image:
     """16/32-bit and float images (DICOM exports, 16-bit PNG): min-max window to 0..255."""
-    arr = np.asarray(img, dtype=np.float32)
+    arr = np.array(img, dtype=np.float32)  # one float copy, then in place: peak 2 copies, not 5 (7000x7000: 0.4 GB)
     lo, hi = float(arr.min()), float(arr.max())
-    scaled = (arr - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(arr)
-    return Image.fromarray(np.clip(scaled + 0.5, 0, 255).astype(np.uint8))
+    if hi > lo:
+        arr -= lo
+        arr *= 255.0 / (hi - lo)
+        arr += 0.5
+        np.clip(arr, 0, 255, out=arr)
+    else:
+        arr[...] = 0
+    return Image.fromarray(arr.astype(np.uint8))
 
 
 def _to_mode(img: Image.Image, channels: int) -> Image.Image:
@@ -130,21 +161,29 @@ def _flatten_alpha(img: Image.Image) -> Image.Image:
 
 
 def decode(data: bytes, cfg: PreprocessConfig) -> np.ndarray:
-    """Image file bytes (any format PIL reads, whatever the file's extension) -> uint8 (H, W, C)."""
+    """Image file bytes (any format PIL reads, whatever the file's extension) -> uint8 (H, W, C). The header is
+    judged before any pixel is decoded (sizes, aspect, frames, decoded memory); a JPEG that the decoder finished
+    before the end of its data is rejected after decoding (see _JpegFence)."""
+    _check_size(len(data), cfg.max_file_mb)
+    fence = _JpegFence.of(data)
     try:
         with warnings.catch_warnings():
             # preprocess.max_pixels decides, right after the header is read (below), not Pillow's own warning
             # at 89 M pixels; Pillow's hard limit (twice that) still raises DecompressionBombError in open().
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
-            w, h = img.size
-            if w * h > cfg.max_pixels:
-                raise Rejected(f"too large: declared {w}x{h} exceeds preprocess.max_pixels={cfg.max_pixels}")
-            if min(w, h) < cfg.min_side:
-                raise Rejected(f"too small: {w}x{h}, below preprocess.min_side={cfg.min_side}")
+            img = Image.open(fence or io.BytesIO(data))
+            _check_header(img, cfg)
             if cfg.draft and img.format == "JPEG":
                 img.draft("L" if cfg.channels == 1 else "RGB", (cfg.image_size, cfg.image_size))
+            w, h = img.size  # after draft: what will be decoded
+            decoded_mb = w * h * bytes_per_pixel(img.mode) / MB
+            if decoded_mb > cfg.max_decoded_mb:
+                raise Rejected(f"too large to decode: {w}x{h} {img.mode} takes {decoded_mb:.0f} MB, over "
+                               f"preprocess.max_decoded_mb={cfg.max_decoded_mb}")
             img.load()
+            if fence is not None and not fence.reached:
+                raise Rejected("corrupt JPEG data: the image was complete before the end of its data (bytes "
+                               "garbled or inserted mid-file)")
             img = ImageOps.exif_transpose(img)
     except Rejected:
         raise
@@ -167,6 +206,77 @@ def decode(data: bytes, cfg: PreprocessConfig) -> np.ndarray:
     return np.asarray(img, dtype=np.uint8).reshape(cfg.shape)
 
 
+def _check_header(img: Image.Image, cfg: PreprocessConfig) -> None:
+    """What the header alone tells: declared size, aspect ratio, frames."""
+    w, h = img.size
+    if w * h > cfg.max_pixels:
+        raise Rejected(f"too large: declared {w}x{h} exceeds preprocess.max_pixels={cfg.max_pixels}")
+    if min(w, h) < cfg.min_side:
+        raise Rejected(f"too small: {w}x{h}, below preprocess.min_side={cfg.min_side}")
+    if max(w, h) > cfg.max_aspect * min(w, h):
+        raise Rejected(f"extreme aspect ratio: {w}x{h} ({max(w, h) / min(w, h):.0f}:1), over "
+                       f"preprocess.max_aspect={cfg.max_aspect}")
+    # MPO (camera JPEGs carrying a preview or a second view) is not a series: its first image is the photo
+    if cfg.multi_frame == "reject" and img.format != "MPO" and getattr(img, "n_frames", 1) > 1:
+        raise Rejected(f"multi-frame file ({img.n_frames} frames: animation or pages), not one image; "
+                       f"preprocess.multi_frame=first would use its first frame")
+
+
+def bytes_per_pixel(mode: str) -> int:
+    """Bytes of one pixel of a Pillow mode as decoded (RGB 3, RGBA and 32-bit 4, 16-bit 2); unknown modes 4."""
+    from PIL import ImageMode
+
+    try:
+        desc = ImageMode.getmode(mode)
+    except KeyError:
+        return 4
+    return np.dtype(desc.typestr).itemsize * len(desc.bands)
+
+
+_MARKER = re.compile(rb"\xff(?![\x00\xd0-\xd7\xff])")  # in entropy-coded data: a marker, not a stuffed byte/RST
+
+
+class _JpegFence(io.BytesIO):
+    """A baseline JPEG's bytes, read in two parts: up to 2 bytes before the marker that ends its scan, then the rest.
+
+    Pillow's JPEG decoder drops libjpeg's 'Corrupt JPEG data' warnings (JpegDecode.c), so bytes garbled mid-file
+    decode to garbage silently. One trace is left: an intact scan needs its very last bytes to finish, so the
+    decoder must ask for the second part. Garbled bytes throw its Huffman decoding off, and most often it then
+    runs out of rows with data left over and never asks: `reached` stays False (same decode, no second pass).
+    With Pillow's own errors, 2 in 3 to nearly all random 40-byte garbles are caught (tests/test_preprocess.py);
+    garbling that resynchronises, or makes the scan run long, stays undetectable without libjpeg's warnings."""
+
+    def __init__(self, data: bytes, fence: int):
+        super().__init__(data)
+        self.fence, self.reached = fence, False
+
+    def read(self, n: int | None = -1) -> bytes:
+        pos = self.tell()
+        if pos < self.fence and (n is None or n < 0 or pos + n > self.fence):
+            n = self.fence - pos
+        self.reached = self.reached or pos >= self.fence
+        return super().read(n)
+
+    @classmethod
+    def of(cls, data: bytes) -> "_JpegFence | None":
+        """The fenced reader of a JPEG whose first scan ends at the end-of-image marker (baseline); None for
+        anything else (other formats, progressive or multi-scan JPEGs, truncated scans: Pillow judges those)."""
+        if not data.startswith(b"\xff\xd8"):
+            return None
+        i = 2
+        while i + 4 <= len(data) and data[i] == 0xFF:  # header segments, by their lengths: an EXIF thumbnail's
+            marker = data[i + 1]                         # own scan and end marker are skipped whole
+            if marker == 0xFF:  # fill byte
+                i += 1
+            elif marker == 0xDA:  # start of scan: its entropy-coded data runs to the next marker
+                end = _MARKER.search(data, i + 2 + int.from_bytes(data[i + 2:i + 4], "big"))
+                # fenced 2 bytes early: the last data byte carries bits of the last symbol, which an intact scan needs
+                return cls(data, end.start() - 2) if end and data[end.start() + 1] == 0xD9 else None
+            else:
+                i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
+        return None
+
+
 def _bomb_reason(e: Exception, cfg: PreprocessConfig) -> str:
     """Pillow refused the header before our own check could run: say so in the terms of preprocess.max_pixels."""
     m = re.search(r"\((\d+) pixels\) exceeds limit of (\d+)", str(e))
@@ -181,4 +291,4 @@ def _bomb_reason(e: Exception, cfg: PreprocessConfig) -> str:
 
 def load(path: str, cfg: PreprocessConfig) -> np.ndarray:
     """read_bytes + decode: the whole per-file transform."""
-    return decode(read_bytes(path), cfg)
+    return decode(read_bytes(path, cfg.max_file_mb), cfg)

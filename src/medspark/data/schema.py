@@ -22,7 +22,7 @@ class Column:
 COLUMNS = (
     Column("image", np.uint8, "binary", None, image=True),  # fixed shape (static shapes for tf.data), .npy bytes
     Column("label", np.int32, "int32", "IntegerType"),
-    Column("path", np.str_, "string", "StringType"),  # source file, for audits
+    Column("path", np.str_, "string", "StringType"),  # source file, for audits: names.to_text (from_text: the path)
     Column("sha1", np.str_, "string", "StringType"),  # content identity
     Column("split", np.str_, "string", "StringType"),
 )

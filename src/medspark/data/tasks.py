@@ -11,6 +11,7 @@ import os
 
 import numpy as np
 
+from .names import to_text
 from .preprocess import PreprocessConfig, Rejected, content_hash, decode, read_bytes
 from .schema import arrow_schema
 
@@ -22,10 +23,10 @@ def encode_ndarray(image: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def hash_partition(records):
+def hash_partition(records, max_file_mb: float = PreprocessConfig.max_file_mb):
     for path, label, split in records:
         try:
-            yield path, label, split, content_hash(read_bytes(path)), None
+            yield path, label, split, content_hash(read_bytes(path, max_file_mb)), None
         except Rejected as e:
             yield path, label, split, None, str(e)
         except Exception as e:  # never let one file kill the job
@@ -65,7 +66,7 @@ class _SplitFile:
         self.buffer, self.groups = [], 0
 
     def add(self, image_bytes: bytes, label: int, path: str, sha: str) -> None:
-        self.buffer.append((image_bytes, label, path, sha))
+        self.buffer.append((image_bytes, label, to_text(path), sha))  # any file name: data/names.py
         if len(self.buffer) >= self.group_rows:
             self.flush()
 
@@ -105,7 +106,7 @@ def write_chunk(chunk, pre: PreprocessConfig, url: str, fs_factory, group_rows: 
     try:
         for path, label, split, sha in rows:
             try:
-                image = decode(read_bytes(path), pre)
+                image = decode(read_bytes(path, pre.max_file_mb), pre)
             except Rejected as e:
                 rejected.append((path, str(e)))
                 continue

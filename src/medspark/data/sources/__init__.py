@@ -19,6 +19,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..names import to_text
+
 log = logging.getLogger(__name__)
 
 
@@ -142,5 +144,6 @@ def log_ignored(ignored: list[tuple[str, str]], root: Path) -> None:
     """A warning when files under the root may be data left out; markers (_SUCCESS, .DS_Store) are only counted."""
     if ignored:
         notable = [(p, why) for p, why in ignored if not os.path.basename(p).startswith(("_", "."))]
+        path, why = (notable or ignored)[0]
         log.log(logging.WARNING if notable else logging.INFO, "%d file(s) under %s are not inputs, e.g. %s (%s); "
-                "see the listing's `ignored`", len(ignored), root, *(notable or ignored)[0])
+                "see the listing's `ignored`", len(ignored), to_text(str(root)), to_text(path), to_text(why))

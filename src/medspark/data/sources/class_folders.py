@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from ..names import to_text
 from ..preprocess import is_system_file
 from . import NOT_CLASSES, DatasetError, Listing, Record, check_root, files_under, log_ignored, not_inputs, walk
 
@@ -25,6 +26,7 @@ class ClassFolders:
         ignored: list[tuple[str, str]] = []
         folders = self.folders(root, ignored)
         classes = class_dirs(folders["train"], self.classes, "dataset.root")
+        refuse_shared_class_folders(folders, classes)
         records = []
         for split, folder in folders.items():
             records += read_classes(folder, classes, split, ignored)
@@ -38,12 +40,38 @@ def class_dirs(root: Path, classes, key: str) -> list[str]:
         if len(present) < 2:
             raise DatasetError(f"{root} has {len(present)} class folder(s) {present}; a classifier needs at least 2 "
                                f"(layout: {key}/<class>/<images>)")
-        return present
+        return _check_names(present, root)
     missing = [c for c in classes if c not in present]
     if missing:
         raise DatasetError(f"class folder(s) {missing} not found in {root}; found {present}. "
                            f"Fix dataset.classes or dataset.root")
-    return list(classes)
+    return _check_names(list(classes), root)
+
+
+def _check_names(classes: list[str], root: Path) -> list[str]:
+    """Class names become labels, MLflow params and the model's output columns: they must be text."""
+    for c in classes:
+        try:
+            c.encode("utf-8")
+        except UnicodeEncodeError:
+            raise DatasetError(f"class folder '{to_text(c)}' in {to_text(str(root))} has a name that is not UTF-8 "
+                               f"text; rename the folder (the files in it may have any name)") from None
+    return classes
+
+
+def refuse_shared_class_folders(folders: dict[str, Path], classes: list[str]) -> None:
+    """Two classes whose folders are one (a class folder that is a symlink to another, or to a folder inside it)
+    would label every image twice: one line before Spark, instead of rejecting every one of its files."""
+    real = [(cls, folder / cls, os.path.realpath(folder / cls)) for folder in folders.values() for cls in classes
+            if (folder / cls).is_dir()]
+    real.sort(key=lambda r: r[2] == os.path.abspath(r[1]))  # links first: the message names the link
+    for cls, path, resolved in real:
+        for other, other_path, other_resolved in real:
+            if other != cls and (resolved + os.sep).startswith(other_resolved + os.sep):
+                how = "is the same folder as" if resolved == other_resolved else "is inside"
+                raise DatasetError(f"class folder {to_text(str(path))} resolves to {to_text(resolved)}, which {how} "
+                                   f"class folder {to_text(str(other_path))}: its images would carry both labels "
+                                   f"'{cls}' and '{other}'; remove the link or leave one class out of dataset.classes")
 
 
 def _is_class_dir(d: Path) -> bool:
