@@ -162,8 +162,9 @@ def test_the_client_gives_up_after_bounded_retries_naming_the_server():
         assert time.perf_counter() - start < 5
 
 
-@pytest.mark.parametrize("setting, line", [("backend.timeout_s=0", "backend.timeout_s=0 must be a number of seconds"),
-                                           ("backend.retries=-1", "backend.retries=-1 must be an integer from 0 to 10")])
+@pytest.mark.parametrize("setting, line", [
+    ("backend.timeout_s=0", "backend.timeout_s=0 must be a number of seconds"),
+    ("backend.retries=-1", "backend.retries=-1 must be an integer from 0 to 10")])
 def test_client_settings_are_checked_in_one_line(tmp_path, setting, line):
     from medspark.backends import build
 

@@ -143,8 +143,8 @@ def listening() -> set[tuple[str, int, str]]:
 
 @pytest.mark.slow
 def test_elephas_parameter_server_listens_on_loopback_only(spark, tmp_path):
-    """A real elephas_async run on local[2]: while it trains, the parameter server (Elephas' Flask process) and
-    every other socket our process tree opens listen on 127.0.0.1, and the server's debug mode is off."""
+    """A real elephas_async run on local[2]: while it trains, the parameter server (backends/param_server.py, a
+    thread of the driver) and every other socket our process tree opens listen on 127.0.0.1."""
     from medspark.train import train
 
     before = listening()
