@@ -31,21 +31,35 @@ class DatasetError(ValueError):
 @dataclass(frozen=True)
 class Record:
     path: str
-    label: int
+    label: int  # the class index (binary, multiclass), or for multilabel the findings' bitmask (data/targets.py)
     split: str | None  # "test" when the dataset's own test folder holds it, else None (assigned later)
+    patient: str | None = None  # pseudonymous patient key (data/phi.pseudonym), never the raw id; None: unknown
+    source: str | None = None  # which source of a merged dataset listed it (None: a single-source dataset)
 
 
 @dataclass(frozen=True)
 class Listing:
     records: list[Record]
-    classes: list[str]
+    classes: list[str]  # class names, or for multilabel the finding names (the negative value is not one)
     has_test_split: bool  # the dataset brought its own test split
     ignored: list[tuple[str, str]] = field(default_factory=list)  # (path, why): under the root, not an input
+    task: str = ""  # binary | multiclass | multilabel (data/targets.TASKS); "" = from the class count
+    rejected: list[tuple[str, str]] = field(default_factory=list)  # (path or "file:row N", why): entries the source
+    #                                  itself refused (a label CSV's row without its image, an unknown label, ...)
+
+    def __post_init__(self):
+        from ..targets import task_of
+
+        object.__setattr__(self, "task", task_of(self.task, self.classes))
 
     def counts(self) -> dict[str, int]:
+        """Images per class; for multilabel, positive images per finding."""
+        from ..targets import indices
+
         out = {c: 0 for c in self.classes}
         for r in self.records:
-            out[self.classes[r.label]] += 1
+            for i in indices(r.label, self.task):
+                out[self.classes[i]] += 1
         return out
 
 
