@@ -1,0 +1,183 @@
+"""Datasets merged from several sources (data/sources/merged.py): class maps, dropped classes counted with their
+reason, records tagged with their source, per-source counts, copies across sources grouped, config mistakes in
+one line naming the key; and the real merged brain MRI set (skipped when ../shared/datasets is absent)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from medspark.data.sources import DatasetError, Listing, Record, list_dataset, source
+from medspark.data.sources.merged import counts_per_source, dropped_per_source, merge
+
+from conftest import shared_dataset
+
+CF = "medspark.data.sources.class_folders.ClassFolders"
+
+
+def _png(path, seed: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (16, 16), dtype=np.uint8)).save(path)
+
+
+@pytest.fixture(scope="module")
+def two_sets(tmp_path_factory):
+    """Set A (glioma_tumor 4, pituitary_tumor 3, no_tumor 4, other 2) and set B (yes 4, no 3); B's yes/y0.png
+    holds the same bytes as A's glioma_tumor/g0.png (public sets copy each other)."""
+    base = tmp_path_factory.mktemp("merged")
+    seed = iter(range(1000))
+    for cls, n in (("glioma_tumor", 4), ("pituitary_tumor", 3), ("no_tumor", 4), ("other", 2)):
+        for i in range(n):
+            _png(base / "a" / cls / f"{cls[0]}{i}.png", next(seed))
+    for cls, n in (("yes", 4), ("no", 3)):
+        for i in range(n):
+            _png(base / "b" / cls / f"{cls[0]}{i}.png", next(seed))
+    (base / "b" / "yes" / "y0.png").write_bytes((base / "a" / "glioma_tumor" / "g0.png").read_bytes())
+    return base
+
+
+def _cfg(base, classes=None, **changes):
+    sources = {"set_a": {"_target_": CF, "root": str(base / "a"),
+                         "class_map": {"glioma_tumor": "tumor", "pituitary_tumor": "tumor", "no_tumor": "no_tumor"}},
+               "set_b": {"_target_": CF, "root": str(base / "b"), "class_map": {"yes": "tumor", "no": "no_tumor"}}}
+    for name, options in changes.items():
+        sources[name] = options
+    return {"name": "merged", "_target_": "medspark.data.sources.merged.Merged", "sources": sources,
+            "classes": classes}
+
+
+def test_classes_are_mapped_and_unmapped_ones_dropped_and_counted(two_sets):
+    listing = list_dataset(_cfg(two_sets))
+    assert listing.classes == ["no_tumor", "tumor"] and listing.task == "binary"
+    assert counts_per_source(listing) == {"set_a": {"no_tumor": 4, "tumor": 7}, "set_b": {"no_tumor": 3, "tumor": 4}}
+    assert listing.counts() == {"no_tumor": 7, "tumor": 11}
+    by_path = {r.path: r for r in listing.records}
+    assert by_path[str(two_sets / "a" / "pituitary_tumor" / "p0.png")].label == 1  # several classes to one
+    assert by_path[str(two_sets / "b" / "no" / "n0.png")] == Record(str(two_sets / "b" / "no" / "n0.png"), 0, None,
+                                                                  None, "set_b")
+    assert {r.source for r in listing.records if "/a/" in r.path} == {"set_a"}
+    assert sorted(listing.ignored) == [
+        (str(two_sets / "a" / "other" / f"o{i}.png"),
+         "class 'other' of source 'set_a' is not mapped (dataset.sources.set_a.class_map)") for i in range(2)]
+    assert dropped_per_source(listing) == {"set_a": 2}
+    assert not listing.has_test_split
+
+
+def test_explicit_classes_order_and_identity_map(two_sets):
+    """`classes` orders the dataset's classes; a source without class_map keeps its class names."""
+    cfg = _cfg(two_sets, classes=["tumor", "no_tumor", "no"])
+    cfg["sources"]["set_b"].pop("class_map")  # yes -> dropped (not in classes), no -> no
+    listing = list_dataset(cfg)
+    assert listing.classes == ["tumor", "no_tumor", "no"] and listing.task == "multiclass"
+    assert counts_per_source(listing) == {"set_a": {"tumor": 7, "no_tumor": 4, "no": 0},
+                                          "set_b": {"tumor": 0, "no_tumor": 0, "no": 3}}
+    assert dropped_per_source(listing) == {"set_a": 2, "set_b": 4}
+
+
+def test_copies_across_sources_share_a_content_hash(two_sets):
+    """The split groups records by content (data/splits.py): a copy in two sources is one content there."""
+    from medspark.data.preprocess import content_hash
+
+    listing = list_dataset(_cfg(two_sets))
+    by_hash: dict[str, set] = {}
+    for r in listing.records:
+        by_hash.setdefault(content_hash(open(r.path, "rb").read()), set()).add(r.source)
+    assert [s for s in by_hash.values() if len(s) > 1] == [{"set_a", "set_b"}]
+
+
+def test_one_file_listed_by_two_sources_is_one_input(two_sets):
+    cfg = _cfg(two_sets, set_c={"_target_": CF, "root": str(two_sets / "b"), "class_map": {"yes": "tumor"}})
+    listing = list_dataset(cfg)
+    assert len({r.path for r in listing.records}) == len(listing.records) == 18
+    again = [why for _, why in listing.ignored if "also listed" in why]
+    assert again == ["also listed by source 'set_b': one file is one input"] * 7  # unmapped in set_c or not
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"set_b": {"_target_": CF, "root": "x", "class_map": {"yes": "tumour"}}},
+     "dataset.sources.set_b.class_map.yes='tumour' is not one of dataset.classes ['no_tumor', 'tumor']"),
+    ({"set_b": {"root": "x", "class_map": {"yes": "tumor"}}}, "dataset.sources.set_b._target_ is not set"),
+    ({"set_b": {"_target_": CF, "root": "x", "colour": 1}}, "dataset.sources.set_b.colour is not a setting of the "
+                                                           "ClassFolders source"),
+    ({"set_b": {"_target_": CF, "root": "x", "class_map": ["yes"]}}, "dataset.sources.set_b.class_map must map"),
+    ({"set_b": {"_target_": "medspark.nowhere.Source", "root": "x"}}, "dataset.sources.set_b._target_=medspark."
+                                                                      "nowhere.Source cannot be imported"),
+    ({"bad name": {"_target_": CF, "root": "x"}}, "source name 'bad name' must be letters, digits, _ or -"),
+])
+def test_config_mistakes_are_one_line_naming_the_key(two_sets, change, message):
+    with pytest.raises(DatasetError) as e:
+        source(_cfg(two_sets, classes=["no_tumor", "tumor"], **change))
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_listing_mistakes_name_the_source_key(two_sets):
+    with pytest.raises(DatasetError, match=r"dataset\.sources\.set_b\.root=/nowhere does not exist"):
+        list_dataset(_cfg(two_sets, set_b={"_target_": CF, "root": "/nowhere"}))
+    with pytest.raises(DatasetError, match=r"dataset\.sources\.set_b\.class_map\.maybe: 'maybe' is not a class of "
+                                           r"source 'set_b' \(its classes: \['no', 'yes'\]\)"):
+        list_dataset(_cfg(two_sets, set_b={"_target_": CF, "root": str(two_sets / "b"), "class_map": {"maybe": "x"}}))
+    with pytest.raises(DatasetError, match=r"dataset.classes has \['glioma'\], which no"):
+        list_dataset(_cfg(two_sets, classes=["glioma", "no_tumor", "tumor"]))
+
+
+def test_duplicate_source_names_and_empty_sources(two_sets):
+    entry = {"name": "a", "_target_": CF, "root": str(two_sets / "a")}
+    with pytest.raises(DatasetError, match="source name 'a' is used twice"):
+        source({"_target_": "medspark.data.sources.merged.Merged", "sources": [entry, entry]})
+    with pytest.raises(DatasetError, match=r"dataset.sources\[0\] has no name"):
+        source({"_target_": "medspark.data.sources.merged.Merged", "sources": [{"_target_": CF}]})
+    with pytest.raises(DatasetError, match="dataset.sources is empty"):
+        source({"_target_": "medspark.data.sources.merged.Merged", "sources": {}})
+    listing = source({"_target_": "medspark.data.sources.merged.Merged", "sources": [entry]}).list()  # list form
+    assert listing.classes == ["glioma_tumor", "no_tumor", "other", "pituitary_tumor"]
+
+
+def test_multilabel_findings_are_remapped_and_mixes_refused():
+    ml = Listing([Record("x1", 0b011, None, "p1"), Record("x2", 0, None, "p2"), Record("x3", 0b100, None, "p3")],
+                 ["Effusion", "Mass", "Hernia"], False, task="multilabel")
+    other = Listing([Record("y1", 0b01, None), Record("y2", 0b10, None)], ["Nodule", "Effusion"], False,
+                    task="multilabel")
+    merged = merge([("nih", {"Effusion": "effusion", "Mass": "mass"}, ml),
+                    ("other", {"Nodule": "mass", "Effusion": "effusion"}, other)])
+    assert merged.task == "multilabel" and merged.classes == ["effusion", "mass"]
+    assert [(r.path, r.label, r.patient, r.source) for r in merged.records] == [
+        ("x1", 0b11, "p1", "nih"), ("x2", 0, "p2", "nih"), ("y1", 0b10, None, "other"), ("y2", 0b01, None, "other")]
+    assert merged.ignored == [("x3", "finding 'Hernia' of source 'nih' is not mapped (dataset.sources.nih.class_map)")]
+    single = Listing([Record("z", 1, None)], ["a", "b"], False)
+    with pytest.raises(DatasetError, match="source 'nih' is multilabel and source 'single' is binary"):
+        merge([("nih", None, ml), ("single", None, single)])
+
+
+def test_test_split_when_any_source_brings_one(two_sets, tmp_path):
+    for split in ("train", "test"):
+        for cls in ("yes", "no"):
+            for i in range(3):
+                _png(tmp_path / split / cls / f"{split}{i}.png", hash((split, cls, i)) % 1000)
+    cfg = _cfg(two_sets, set_b={"_target_": "medspark.data.sources.split_folders.SplitFolders", "root": str(tmp_path),
+                                "split_dirs": {"train": "train", "test": "test"},
+                                "class_map": {"yes": "tumor", "no": "no_tumor"}})
+    merged = source(cfg)
+    assert merged.has_test_split
+    listing = merged.list()
+    assert listing.has_test_split
+    assert {(r.source, r.split) for r in listing.records} == {("set_a", None), ("set_b", None), ("set_b", "test")}
+
+
+def test_missing_roots_fail_the_config_check_naming_them(cfg_factory):
+    from medspark.config import ConfigError, check
+
+    cfg = cfg_factory("dataset=brain_tumor_binary_merged")
+    with pytest.raises(ConfigError) as e:
+        check(cfg)
+    assert "dataset.sources.brain_mri_yes_no.root=... dataset.sources.brain_tumor_mri.root=..." in str(e.value)
+
+
+def test_real_merged_brain_mri_listing(cfg_factory):
+    tumor, yes_no = shared_dataset("brain-tumor-mri") / "Training", shared_dataset("brain-mri-yes-no")
+    cfg = cfg_factory("dataset=brain_tumor_binary_merged", f"dataset.sources.brain_tumor_mri.root={tumor}",
+                      f"dataset.sources.brain_mri_yes_no.root={yes_no}")
+    listing = list_dataset(cfg.dataset)
+    assert listing.classes == ["no_tumor", "tumor"] and listing.task == "binary" and not listing.has_test_split
+    assert counts_per_source(listing) == {"brain_mri_yes_no": {"no_tumor": 98, "tumor": 155},
+                                          "brain_tumor_mri": {"no_tumor": 1595, "tumor": 4117}}
+    assert listing.ignored == [] and dropped_per_source(listing) == {}
