@@ -181,3 +181,91 @@ def test_real_merged_brain_mri_listing(cfg_factory):
     assert counts_per_source(listing) == {"brain_mri_yes_no": {"no_tumor": 98, "tumor": 155},
                                           "brain_tumor_mri": {"no_tumor": 1595, "tumor": 4117}}
     assert listing.ignored == [] and dropped_per_source(listing) == {}
+
+
+@pytest.fixture(scope="module")
+def like_real(tmp_path_factory):
+    """Tiny stand-ins laid out like the two real sets conf/dataset/brain_tumor_binary_merged.yaml merges; two
+    of the yes/no set's `no` images are copies of the 4-class set's `notumor` ones (as on the real sets)."""
+    base = tmp_path_factory.mktemp("like_real")
+    seed = iter(range(2000, 3000))
+    for cls in ("glioma", "meningioma", "notumor", "pituitary"):
+        for i in range(6):
+            _png(base / "tumor" / cls / f"{cls}{i}.png", next(seed))
+    for cls in ("yes", "no"):
+        for i in range(8):
+            _png(base / "yes_no" / cls / f"{cls}{i}.png", next(seed))
+    for i in range(2):
+        copy = (base / "tumor" / "notumor" / f"notumor{i}.png").read_bytes()
+        (base / "yes_no" / "no" / f"no{i}.png").write_bytes(copy)
+    return base
+
+
+def test_a_merged_run_records_sources_in_rows_mlflow_and_per_source_metrics(like_real, spark, cfg_factory):
+    """The data stage of a merged run (what training runs first): Petastorm rows carry their source, copies across
+    sources share a split, MLflow holds per-source counts (listing and splits); per-source test metrics of the
+    evaluation hook score each source's own rows."""
+    import json
+
+    import mlflow
+
+    from medspark.data import loader
+    from medspark.data.materialize import HadoopFS, _load
+    from medspark.evaluate_sources import log_source_metrics
+    from medspark.preprocess_only import preprocess
+
+    cfg = cfg_factory("dataset=brain_tumor_binary_merged", f"dataset.sources.brain_tumor_mri.root={like_real}/tumor",
+                      f"dataset.sources.brain_mri_yes_no.root={like_real}/yes_no", "preprocess.image_size=16",
+                      "split.val=0.2", "split.test=0.3")
+    summary = preprocess(cfg, spark=spark)
+    rows = {s: loader.read_split(f"{summary['data_url']}/{s}", ["sha1", "source", "label"])
+            for s in ("train", "val", "test")}
+    split_of: dict[str, set] = {}
+    for s, cols in rows.items():
+        for sha, src in zip(cols["sha1"], cols["source"]):
+            split_of.setdefault(sha, set()).add((s, src))
+    shared = [v for v in split_of.values() if len({src for _, src in v}) == 2]
+    assert len(shared) == 2 and all(len({s for s, _ in v}) == 1 for v in shared)  # one content, one split
+    assert summary["counts"]["data_accepted"] == 40 and summary["counts"]["data_duplicate_groups"] == 2
+
+    client = mlflow.MlflowClient()
+    run = client.get_run(summary["run_id"])
+    sources = json.loads(mlflow.artifacts.load_text(f"{run.info.artifact_uri}/data/sources.json"))
+    assert sources == {"per_source": {"brain_mri_yes_no": {"no_tumor": 8, "tumor": 8},
+                                      "brain_tumor_mri": {"no_tumor": 6, "tumor": 18}}, "dropped_unmapped": {}}
+    splits = json.loads(mlflow.artifacts.load_text(f"{run.info.artifact_uri}/data/splits.json"))
+    for s, cols in rows.items():
+        expected = {src: int((cols["source"] == src).sum()) for src in set(cols["source"])}
+        assert splits["per_source"][s] == expected
+        assert all(run.data.metrics[f"data_n_{s}_source_{src}"] == n for src, n in expected.items())
+
+    data = _load(HadoopFS(spark), summary["data_url"])
+    test = rows["test"]
+    right = np.eye(2)[test["label"]]
+    probs = np.where((test["source"] == "brain_tumor_mri")[:, None], right, 1 - right)  # right on one, wrong on other
+    with mlflow.start_run(run_id=summary["run_id"]):
+        metrics = log_source_metrics(data, test["label"], probs)
+        with pytest.raises(RuntimeError, match="do not line up"):
+            log_source_metrics(data, test["label"][1:], probs[1:])  # rows that are not the split's, in order
+    n = {src: float((test["source"] == src).sum()) for src in ("brain_tumor_mri", "brain_mri_yes_no")}
+    assert metrics["test_source_brain_tumor_mri_accuracy"] == 1.0
+    assert metrics["test_source_brain_mri_yes_no_accuracy"] == 0.0
+    assert metrics["test_source_brain_tumor_mri_n"] == n["brain_tumor_mri"]
+    assert metrics["test_source_brain_mri_yes_no_n"] == n["brain_mri_yes_no"]
+    for src, auc in (("brain_tumor_mri", 1.0), ("brain_mri_yes_no", 0.0)):  # AUC: where a source's test rows hold
+        both = len(set(test["label"][test["source"] == src])) == 2     # both classes (stratified by class, not source)
+        assert metrics.get(f"test_source_{src}_roc_auc") == (auc if both else None)
+    assert "test_source_brain_tumor_mri_roc_auc" in metrics
+    assert client.get_run(summary["run_id"]).data.metrics["test_source_brain_tumor_mri_accuracy"] == 1.0
+
+
+def test_per_source_metrics_without_sources_and_for_multiclass():
+    from medspark.evaluate_sources import flat, per_source
+
+    y = np.array([0, 1, 2, 0, 1, 2])
+    probs = np.eye(3)[[0, 1, 2, 1, 1, 2]]
+    table = per_source(y, probs, ["a", "a", "a", "b", "b", "b"], ["x", "y", "z"])
+    assert table == {"a": {"n": 3.0, "accuracy": 1.0, "balanced_accuracy": 1.0},
+                     "b": {"n": 3.0, "accuracy": 2 / 3, "balanced_accuracy": 2 / 3}}
+    assert flat(table)["test_source_b_accuracy"] == 2 / 3
+    assert per_source(y, probs, [""] * 6, ["x", "y", "z"]) == {}

@@ -308,6 +308,8 @@ def log_data(data) -> None:
                      "label_conflicts": data.label_conflicts, "moved_to_test": data.moved_to_test, "task": data.task,
                      "per_source": data.per_source, "split_stats": data.split_stats},
                     "data/splits.json")
+    mlflow.log_metrics({f"data_n_{split}_source_{source}": n for split, by_source in data.per_source.items()
+                        for source, n in by_source.items()})  # a merged dataset's sources (data/sources/merged.py)
     if data.reused:
         mlflow.set_tag("medspark.data_reused", "true")
         log.info("reused the materialized dataset at %s", data.url)
@@ -322,6 +324,11 @@ def log_listing(listing) -> None:
 
     mlflow.log_metric("data_ignored", len(listing.ignored))
     mlflow.log_text(rejected_csv(listing.ignored), "data/ignored.csv")
+    if any(r.source for r in listing.records):  # a merged dataset: what each source brought, what its map dropped
+        from .data.sources.merged import counts_per_source, dropped_per_source
+
+        mlflow.log_dict({"per_source": counts_per_source(listing), "dropped_unmapped": dropped_per_source(listing)},
+                        "data/sources.json")
 
 
 def log_training(result) -> None:
