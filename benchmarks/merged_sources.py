@@ -92,14 +92,20 @@ def measure(shared: Path) -> dict:
 
 
 def train(shared: Path, epochs: int, image_size: int) -> dict:
-    """One short run of the merged set through the CLI, in a scratch MLflow store; its test metrics per source."""
+    """One short run of the merged set through the CLI, in a scratch MLflow store: its test metrics, pooled and per
+    source (the run's own `test_source_*` metrics when evaluate_split logs them, else computed here the same way,
+    evaluate_sources.per_source, from the run's logged model on its test split)."""
     import mlflow
+    import numpy as np
+
+    from medspark.data import loader
+    from medspark.evaluate_sources import flat, per_source
 
     tmp = Path(tempfile.mkdtemp(prefix="medspark-merged-"))
     uri = f"sqlite:///{tmp}/mlruns.db"
     args = [f"dataset={DATASET}", *roots(shared), f"train.epochs={epochs}", f"preprocess.image_size={image_size}",
             f"paths.work_dir={tmp}/work", f"tracking.uri={uri}", f"tracking.artifact_location={tmp}/artifacts",
-            "tracking.experiment=medspark-bench-merged"]
+            "tracking.experiment=medspark-bench-merged", f"hydra.run.dir={tmp}/outputs"]
     t = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "medspark.train", *args], cwd=ROOT, capture_output=True, text=True)
     seconds = time.perf_counter() - t
@@ -107,13 +113,19 @@ def train(shared: Path, epochs: int, image_size: int) -> dict:
         raise SystemExit(f"training failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     mlflow.set_tracking_uri(uri)
     run = mlflow.search_runs(experiment_names=["medspark-bench-merged"], output_format="list")[0]
-    keep = ("test_", "data_")
-    metrics = {k: v for k, v in sorted(run.data.metrics.items()) if k.startswith(keep)}
-    client = mlflow.MlflowClient()
-    splits = json.loads(Path(client.download_artifacts(run.info.run_id, "data/splits.json", str(tmp))).read_text())
+    metrics = {k: v for k, v in sorted(run.data.metrics.items()) if k.startswith(("test_", "data_"))}
+    splits = json.loads(mlflow.artifacts.load_text(f"{run.info.artifact_uri}/data/splits.json"))
+    by = "the run (evaluate_split)"
+    if not any(k.startswith("test_source_") for k in metrics):
+        by = "this script, from the run's logged model (evaluate_split does not log them yet)"
+        model = mlflow.tensorflow.load_model(f"runs:/{run.info.run_id}/model")
+        test = loader.read_split(run.data.params["data_url"] + "/test", ["image", "label", "source"])
+        probs = model.predict(test["image"].astype(np.float32), batch_size=128, verbose=0)
+        classes = run.data.params["classes"].split(",")
+        metrics.update(flat(per_source(test["label"], probs, test["source"], classes)))
     return {"command": " ".join(["medspark", *[a.replace(str(shared), "../shared/datasets") for a in args
-                                               if not a.startswith(("paths.", "tracking."))]]),
-            "seconds": round(seconds, 1), "metrics": metrics, "splits": splits}
+                                               if not a.startswith(("paths.", "tracking.", "hydra."))]]),
+            "seconds": round(seconds, 1), "metrics": metrics, "splits": splits, "per_source_by": by}
 
 
 def markdown(m: dict, run: dict | None) -> str:
@@ -153,9 +165,16 @@ def markdown(m: dict, run: dict | None) -> str:
     if run:
         metrics = run["metrics"]
         out += ["", "## A short training run", "", "```bash", run["command"], "```", "",
-                f"{run['seconds']} s in all on this machine. Splits: {run['splits'].get('sizes')}.", "",
-                "| metric | value |", "|---|---|"]
-        out += [f"| {k} | {v:.4g} |" for k, v in metrics.items()]
+                f"{run['seconds']} s in all on this machine (2 shared CPU cores). Images per split and source: "
+                f"{run['splits'].get('per_source')}; per-source metrics by {run['per_source_by']}.", "",
+                "| test metric | all | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+        for metric in ("n", "accuracy", "balanced_accuracy", "roc_auc"):
+            pooled = metrics.get("test_roc_auc_ovr" if metric == "roc_auc" else f"test_{metric}")
+            cells = [metrics.get(f"test_source_{name}_{metric}") for name in names]
+            out.append(f"| {metric} | " + " | ".join("-" if v is None else f"{v:.4g}" for v in [pooled, *cells])
+                       + " |")
+        out += ["", "Data-stage metrics of the run: " + ", ".join(f"{k}={v:g}" for k, v in metrics.items()
+                                                                 if k.startswith("data_"))]
     return "\n".join(out) + "\n"
 
 
