@@ -196,3 +196,34 @@ def test_cooccurrence_png_counts_many_findings(tmp_path):
     y = (rng.random((300, 14)) < 0.1).astype(int)
     path = cooccurrence_png(y, names, tmp_path / "co.png")
     assert path.is_file() and path.stat().st_size > 5000
+
+
+def test_the_default_objective_is_mean_auc_for_multilabel_and_accuracy_otherwise(tmp_path, capsys):
+    from types import SimpleNamespace
+
+    from mlflow import MlflowClient
+
+    from medspark import compare
+    from medspark.config import OBJECTIVE_TAG, compose_project_config, objective_metric, runs_objective
+
+    assert compose_project_config().train.objective == "auto"
+    assert objective_metric("auto", "multilabel") == "test_mean_auc"
+    assert objective_metric("auto", "multiclass") == objective_metric("auto", "binary") == "test_accuracy"
+    assert objective_metric("test_macro_f1", "multilabel") == "test_macro_f1"  # an explicit choice stays
+
+    def run(tag):
+        return SimpleNamespace(data=SimpleNamespace(tags={OBJECTIVE_TAG: tag} if tag else {}))
+    assert runs_objective("auto", [run("test_mean_auc"), run("test_mean_auc"), run(None)]) == "test_mean_auc"
+    assert runs_objective("auto", [run(None)]) == "test_accuracy"  # runs from before tasks: single-label
+    assert runs_objective("test_log_loss", [run("test_mean_auc")]) == "test_log_loss"
+
+    uri = f"sqlite:///{tmp_path}/mlruns.db"  # `medspark compare --sort auto` over multilabel runs
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.create_experiment("chest", artifact_location=(tmp_path / "a").as_uri())
+    for name, auc in (("low", 0.7), ("high", 0.9), ("mid", 0.8)):
+        r = client.create_run(exp, run_name=name, tags={OBJECTIVE_TAG: "test_mean_auc"})
+        client.log_metric(r.info.run_id, "test_mean_auc", auc)
+        client.set_terminated(r.info.run_id)
+    assert compare.main(["--uri", uri, "--experiment", "chest", "--sort", "auto", "--format", "csv"]) == 0
+    rows = list(csv.DictReader(capsys.readouterr().out.splitlines()))
+    assert [r["run_name"] for r in rows] == ["high", "mid", "low"] and "test_mean_auc" in rows[0]

@@ -1,5 +1,9 @@
 """Post-training evaluation: MLflow-safe metrics and the figures/reports logged as artifacts.
 
+Binary and multiclass (softmax): `evaluate`. Multilabel (a sigmoid per finding): `evaluate_multilabel`, with
+per-finding decision thresholds chosen on the validation split (THRESHOLD_RULE) and applied to the test split.
+`evaluate_split` picks by the dataset's task.
+
 sklearn and matplotlib are imported inside the functions so that importing this module stays cheap
 (numpy only; never TensorFlow). Figures are built on `matplotlib.figure.Figure`, never pyplot, so no
 global figure registry grows across many runs and no display backend is needed.
@@ -647,20 +651,34 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
         w.writerows({c: ("" if r[c] is None else r[c]) for c in REPORT_COLUMNS} for r in rows)
 
 
-def evaluate_split(model, data, out_dir, history=None) -> dict[str, float]:
-    """A trained model on the test split of `data` (data.materialize.Materialized), predicted batch by batch (never
-    all in memory), then `evaluate` into out_dir/evaluation; metrics and files are logged to the active MLflow run."""
-    import mlflow
-
+def predict_split(model, data, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """(labels, probabilities) of one split of `data` (data.materialize.Materialized), predicted batch by batch
+    (never all images in memory): labels (N,) class indices, or (N, K) multi-hot for multilabel."""
     from .data import loader
 
     probs, labels = [], []
-    for x, y in loader.dataset(data.split_url("test"), data.shape, 128, training=False):
+    for x, y in loader.dataset(data.split_url(split), data.shape, 128, training=False):
         probs.append(model.predict_on_batch(x))
         labels.append(y.numpy())
-    metrics, files = evaluate(np.concatenate(labels), np.concatenate(probs), data.classes, Path(out_dir) / "evaluation",
-                              history=history)
+    return np.concatenate(labels), np.concatenate(probs)
+
+
+def evaluate_split(model, data, out_dir, history=None) -> tuple[dict[str, float], dict[str, float] | None]:
+    """A trained model on the test split of `data` (data.materialize.Materialized), then `evaluate` (binary,
+    multiclass) or `evaluate_multilabel` (data.task multilabel: thresholds chosen on the validation split) into
+    out_dir/evaluation; metrics and files are logged to the active MLflow run. Returns (metrics, thresholds):
+    {finding: threshold} for multilabel, what the packaged classifier ships with; None otherwise."""
+    import mlflow
+
+    out = Path(out_dir) / "evaluation"
+    y, p = predict_split(model, data, "test")
+    if data.task == "multilabel":
+        y_val, p_val = predict_split(model, data, "val") if data.sizes.get("val") else (None, None)
+        metrics, files, thresholds = evaluate_multilabel(y, p, data.classes, out, y_val=y_val, probs_val=p_val,
+                                                         history=history)
+    else:
+        (metrics, files), thresholds = evaluate(y, p, data.classes, out, history=history), None
     mlflow.log_metrics(metrics)
     for f in files:
         mlflow.log_artifact(str(f), "evaluation")
-    return metrics
+    return metrics, thresholds
