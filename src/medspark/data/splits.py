@@ -3,11 +3,22 @@ from __future__ import annotations
 
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
 SPLITS = ("train", "val", "test")
 LABEL_CONFLICTS = ("reject", "keep")  # split.label_conflicts: what to do with one content under two classes
+
+
+class Item(NamedTuple):
+    """One hashed file to assign: patient and source may be None (unknown, a single-source dataset)."""
+    path: str
+    label: int
+    sha1: str
+    split: str | None
+    patient: str | None = None
+    source: str | None = None
 
 
 @dataclass
@@ -63,7 +74,7 @@ def check_listing(listing, val: float, test: float) -> None:
 
 
 def assign(items, classes: list[str], val: float, test: float, seed: int, has_test_split: bool = False,
-           label_conflicts: str = "reject") -> SplitReport:
+           label_conflicts: str = "reject", task: str = "multiclass") -> SplitReport:
     """items: (path, label, sha1, predefined_split or None). Groups by content hash, then splits the
     groups of each class with a seeded shuffle so that each split gets its share of every class.
     A content under two or more classes (a copy, a file linked into two class folders: one real file is one
