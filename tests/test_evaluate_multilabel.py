@@ -227,3 +227,85 @@ def test_the_default_objective_is_mean_auc_for_multilabel_and_accuracy_otherwise
     assert compare.main(["--uri", uri, "--experiment", "chest", "--sort", "auto", "--format", "csv"]) == 0
     rows = list(csv.DictReader(capsys.readouterr().out.splitlines()))
     assert [r["run_name"] for r in rows] == ["high", "mid", "low"] and "test_mean_auc" in rows[0]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the wiring, end to end: train() on a multilabel dataset -> evaluation, thresholds, classifier, objective
+
+HAND = ["Effusion", "Mass", "Nodule"]
+
+
+class HandMadeFindings:
+    """A tiny multilabel dataset source (the real CSV source is another part of issue 12): 32 px images whose
+    findings are visible, a bright left half (Effusion), a bright top half (Mass), a bright centre (Nodule, rare);
+    about 40% of the images have no finding. Written under `root` on first listing."""
+
+    has_test_split = False
+
+    def __init__(self, root: str, n: int = 160):
+        self.root, self.n = root, n
+
+    def list(self):
+        from pathlib import Path
+
+        from PIL import Image
+
+        from medspark.data import targets
+        from medspark.data.sources import Listing, Record
+
+        rng = np.random.default_rng(7)
+        records = []
+        for i in range(self.n):
+            has = rng.random(3) < [0.35, 0.3, 0.15]
+            img = rng.normal(60, 12, (32, 32))
+            img[:, :16] += 90 * has[0]
+            img[:16, :] += 90 * has[1]
+            img[12:20, 12:20] += 120 * has[2]
+            path = Path(self.root) / f"img{i:03d}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(path)
+            records.append(Record(str(path), targets.bits(np.flatnonzero(has)), None))
+        return Listing(records, list(HAND), False, task="multilabel")
+
+
+@pytest.mark.slow
+def test_training_a_multilabel_dataset_evaluates_ships_thresholds_and_judges_on_mean_auc(spark, tmp_path):
+    import mlflow
+    import pandas as pd
+    from omegaconf import open_dict
+
+    from conftest import make_cfg
+    from medspark import serving
+    from medspark.data import loader
+    from medspark.train import train
+
+    cfg = make_cfg(tmp_path, ["model=dense", "preprocess.image_size=32", "train.epochs=12", "train.batch_size=16",
+                              "train.lr=0.003", "split.val=0.25", "split.test=0.25", "tracking.registered_model=ml"])
+    with open_dict(cfg):
+        cfg.dataset = {"name": "handmade", "_target_": f"{__name__}.HandMadeFindings", "root": str(tmp_path / "img")}
+    objective = train(cfg, spark=spark)
+
+    mlflow.set_tracking_uri(cfg.tracking.uri)
+    run = mlflow.search_runs(experiment_names=[cfg.tracking.experiment], output_format="list")[0]
+    m, tags = run.data.metrics, run.data.tags
+    assert tags["medspark.objective"] == "test_mean_auc" and objective == m["test_mean_auc"] >= 0.9
+    assert {"test_micro_auc", "test_mean_ap", "test_hamming_loss", "test_subset_accuracy"} <= set(m)
+    assert "test_accuracy" not in m and all(math.isfinite(v) for v in m.values())
+    summary = json.loads(mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/summary.json"))
+    assert summary["objective"] == {"test_mean_auc": objective} and "test_mean_auc" in summary["test"]
+    assert summary["champion"]  # the first run on this objective becomes the champion
+    files = {f.path for f in mlflow.MlflowClient().list_artifacts(run.info.run_id, "evaluation")}
+    assert {f"evaluation/{f}" for f in ("thresholds.json", "multilabel_report.json", "roc_curves.png",
+                                        "cooccurrence.png", "training_curves.png")} <= files
+    thresholds = json.loads(mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/evaluation/thresholds.json"))
+
+    clf = mlflow.pyfunc.load_model(summary["classifier_uri"])
+    assert clf.metadata.metadata["medspark"]["thresholds"] == thresholds
+    keras_model = mlflow.tensorflow.load_model(summary["model_uri"])
+    data = loader.read_split(f"{run.data.params['data_url']}/test", ["image", "targets"])
+    files = [serving.png_bytes(im) for im in data["image"][:8]]
+    out = clf.predict(pd.DataFrame({"image": files}))
+    ref = np.asarray(keras_model.predict(data["image"][:8].astype(np.float32), verbose=0), np.float64)
+    np.testing.assert_allclose(out[[f"prob_{f}" for f in HAND]].to_numpy(np.float64), ref, rtol=1e-4, atol=1e-5)
+    t = np.array([thresholds[f] for f in HAND])
+    assert out["findings"].tolist() == ["|".join(f for f, on in zip(HAND, r >= t) if on) or "No Finding" for r in ref]

@@ -657,7 +657,8 @@ def predict_split(model, data, split: str) -> tuple[np.ndarray, np.ndarray]:
     from .data import loader
 
     probs, labels = [], []
-    for x, y in loader.dataset(data.split_url(split), data.shape, 128, training=False):
+    k = len(data.classes) if data.multilabel else None
+    for x, y in loader.dataset(data.split_url(split), data.shape, 128, training=False, num_classes=k):
         probs.append(model.predict_on_batch(x))
         labels.append(y.numpy())
     return np.concatenate(labels), np.concatenate(probs)
@@ -672,7 +673,7 @@ def evaluate_split(model, data, out_dir, history=None) -> tuple[dict[str, float]
 
     out = Path(out_dir) / "evaluation"
     y, p = predict_split(model, data, "test")
-    if data.task == "multilabel":
+    if data.multilabel:
         y_val, p_val = predict_split(model, data, "val") if data.sizes.get("val") else (None, None)
         metrics, files, thresholds = evaluate_multilabel(y, p, data.classes, out, y_val=y_val, probs_val=p_val,
                                                          history=history)
