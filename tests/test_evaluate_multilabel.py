@@ -280,7 +280,8 @@ def test_training_a_multilabel_dataset_evaluates_ships_thresholds_and_judges_on_
     from medspark.train import train
 
     cfg = make_cfg(tmp_path, ["model=dense", "preprocess.image_size=32", "train.epochs=12", "train.batch_size=16",
-                              "train.lr=0.003", "split.val=0.25", "split.test=0.25", "tracking.registered_model=ml"])
+                              "train.lr=0.003", "train.class_weight=balanced", "split.val=0.25", "split.test=0.25",
+                              "tracking.registered_model=ml"])
     with open_dict(cfg):
         cfg.dataset = {"name": "handmade", "_target_": f"{__name__}.HandMadeFindings", "root": str(tmp_path / "img")}
     objective = train(cfg, spark=spark)

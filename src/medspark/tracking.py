@@ -436,7 +436,7 @@ def log_classifier(model, preprocess, classes, example_images, registered_name: 
     from . import serving
 
     limits = serving.ServingLimits.from_mapping(serving_cfg or {})
-    return serving.log_model(model, preprocess, classes, example_images, name=CLASSIFIER_NAME,
+    return serving.log_model(portable(model), preprocess, classes, example_images, name=CLASSIFIER_NAME,
                              registered_model_name=classifier_registered_name(registered_name), limits=limits,
                              task=task, thresholds=thresholds)
 
