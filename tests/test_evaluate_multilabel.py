@@ -34,7 +34,7 @@ def test_perfect_predictor():
         assert m[f"test_{key}"] == 1.0, key
     assert m["test_hamming_loss"] == 0.0
     assert m["test_n_auc_findings"] == 3 and m["test_n"] == 6
-    assert m["test_label_cardinality"] == m["test_predicted_label_cardinality"] == pytest.approx(8 / 6)  # 1+1+2+0+1+3 findings
+    assert m["test_label_cardinality"] == m["test_predicted_label_cardinality"] == pytest.approx(8 / 6)  # 1+1+2+0+1+3
     assert m["test_no_finding_rate"] == pytest.approx(1 / 6)
     for f in FINDINGS:
         assert m[f"test_roc_auc_{f}"] == m[f"test_sensitivity_{f}"] == m[f"test_specificity_{f}"] == 1.0

@@ -19,10 +19,10 @@ the model was trained, see medspark.evaluate.THRESHOLD_RULE), joined by "|" as N
 A served request is untrusted. The run's `serving:` limits (`ServingLimits`, baked into the model when it is
 logged) bound what one call may cost: images per call, their bytes, and each image's declared size, checked on
 the file's header before any pixel is decoded. Only `FORMATS` are opened, so no other format's parser runs (EPS
-would run Ghostscript). An image that cannot be used gets predicted_class and probabilities null and its reason
-in `error` (null `findings` for multilabel); the rest of the batch is predicted. A call that breaks a limit, or has no `image` column, is refused
-whole with one short message (`RequestError`: HTTP 400 when served). Nothing the model answers carries a stack
-trace: unexpected errors go to the server's log.
+would run Ghostscript). An image that cannot be used gets predicted_class (findings) and probabilities null and
+its reason in `error`; the rest of the batch is predicted. A call that breaks a limit, or has no `image` column, is
+refused whole with one short message (`RequestError`: HTTP 400 when served). Nothing the model answers carries a
+stack trace: unexpected errors go to the server's log.
 
 What the logged model contains (`log_model`):
   artifacts/model.keras       the trained network (Keras 3 format)
