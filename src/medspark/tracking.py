@@ -433,16 +433,19 @@ def classifier_registered_name(registered_name: str | None) -> str | None:
     return f"{registered_name}-{CLASSIFIER_NAME}" if registered_name else None
 
 
-def log_classifier(model, preprocess, classes, example_images, registered_name: str | None, serving_cfg=None):
+def log_classifier(model, preprocess, classes, example_images, registered_name: str | None, serving_cfg=None,
+                   task: str | None = None, thresholds=None):
     """The model at work: the same Keras model packaged with the run's preprocessing and class names as a
     pyfunc (`medspark.serving`) that takes raw image files. A second logged model of the run, `classifier`,
     registered as `<registered_name>-classifier` when a name is configured; the Keras model stays `model`.
-    serving_cfg: the `serving:` limits (a mapping), baked into the model; None = their defaults."""
+    serving_cfg: the `serving:` limits (a mapping), baked into the model; None = their defaults. task, thresholds:
+    the dataset's task and, for multilabel, the per-finding thresholds chosen on the validation split."""
     from . import serving
 
     limits = serving.ServingLimits.from_mapping(serving_cfg or {})
-    return serving.log_model(model, preprocess, classes, example_images, name=CLASSIFIER_NAME,
-                             registered_model_name=classifier_registered_name(registered_name), limits=limits)
+    return serving.log_model(portable(model), preprocess, classes, example_images, name=CLASSIFIER_NAME,
+                             registered_model_name=classifier_registered_name(registered_name), limits=limits,
+                             task=task, thresholds=thresholds)
 
 
 def model_uri(info, registered_name: str | None) -> str:
@@ -452,9 +455,10 @@ def model_uri(info, registered_name: str | None) -> str:
     return info.model_uri
 
 
-def log_models(model, data, cfg):
+def log_models(model, data, cfg, thresholds=None):
     """Both models of a training run, with two test images as input example: `model` (Keras) and `classifier`
-    (medspark.serving); registered when tracking.registered_model is set. Returns their (model, classifier) infos."""
+    (medspark.serving, with the dataset's task and, multilabel, `thresholds` {finding: t}); registered when
+    tracking.registered_model is set. Returns their (model, classifier) infos."""
     from omegaconf import OmegaConf
 
     from .data import loader
@@ -465,21 +469,27 @@ def log_models(model, data, cfg):
     info = log_model(model, example.astype("float32"), name)
     pre = PreprocessConfig.from_mapping(OmegaConf.to_container(cfg.preprocess))
     serving_cfg = OmegaConf.to_container(cfg.serving) if cfg.get("serving") else None
-    return info, log_classifier(model, pre, data.classes, example, name, serving_cfg)
+    return info, log_classifier(model, pre, data.classes, example, name, serving_cfg, data.task, thresholds)
 
 
 SUMMARY_TEST = ("test_accuracy", "test_macro_f1", "test_roc_auc_ovr", "test_n")  # the summary's headline metrics
 
 
-def run_summary(cfg, run, models, metrics: dict, result, speed: dict, timings: dict, champion) -> dict:
+SUMMARY_TEST_MULTILABEL = ("test_mean_auc", "test_mean_ap", "test_macro_f1", "test_subset_accuracy",
+                           "test_hamming_loss", "test_n")
+
+
+def run_summary(cfg, run, models, metrics: dict, result, speed: dict, timings: dict, champion,
+                objective: str) -> dict:
     """What a training run's summary.json records and the console shows: where the run and its two models
-    (`models`: log_models' infos) are, the objective, the headline test metrics, speed and wall times."""
+    (`models`: log_models' infos) are, the objective (`objective`: the metric train.objective resolved to),
+    the headline test metrics, speed and wall times."""
     name = cfg.tracking.get("registered_model")
     return {"run_id": run.info.run_id, "experiment_id": run.info.experiment_id,
             "model_uri": model_uri(models[0], name),
             "classifier_uri": model_uri(models[1], classifier_registered_name(name)),
-            "objective": {cfg.train.objective: float(metrics.get(cfg.train.objective, float("nan")))},
-            "test": {k: round(v, 4) for k, v in metrics.items() if k in SUMMARY_TEST},
+            "objective": {objective: float(metrics.get(objective, float("nan")))},
+            "test": {k: round(v, 4) for k, v in metrics.items() if k in SUMMARY_TEST + SUMMARY_TEST_MULTILABEL},
             "training": {"backend": cfg.backend.name, "workers": result.workers,
                          "images_per_second": round(result.images_per_second, 1),
                          **{k: round(v, 3) for k, v in speed.items()}},
