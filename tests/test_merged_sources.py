@@ -258,8 +258,21 @@ def test_a_merged_run_records_sources_in_rows_mlflow_and_per_source_metrics(like
     assert "test_source_brain_tumor_mri_roc_auc" in metrics
     assert client.get_run(summary["run_id"]).data.metrics["test_source_brain_tumor_mri_accuracy"] == 1.0
 
+    import keras
 
-def test_per_source_metrics_without_sources_and_for_multiclass():
+    from medspark.evaluate import predict_split
+
+    model = keras.Sequential([keras.Input(data.shape), keras.layers.Flatten(), keras.layers.Dense(2, "softmax")])
+    y, p = predict_split(model, data, "test")  # what evaluate_split scores: its row order is the hook's
+    with mlflow.start_run(run_id=summary["run_id"]):
+        metrics = log_source_metrics(data, y, p)
+    for src, n in n.items():
+        rows = test["source"] == src
+        assert metrics[f"test_source_{src}_n"] == n
+        assert metrics[f"test_source_{src}_accuracy"] == pytest.approx(np.mean(p[rows].argmax(1) == y[rows]))
+
+
+def test_per_source_metrics_without_sources_and_for_multiclass_and_multilabel():
     from medspark.evaluate_sources import flat, per_source
 
     y = np.array([0, 1, 2, 0, 1, 2])
@@ -269,3 +282,8 @@ def test_per_source_metrics_without_sources_and_for_multiclass():
                      "b": {"n": 3.0, "accuracy": 2 / 3, "balanced_accuracy": 2 / 3}}
     assert flat(table)["test_source_b_accuracy"] == 2 / 3
     assert per_source(y, probs, [""] * 6, ["x", "y", "z"]) == {}
+    y_ml = np.array([[1, 0], [0, 1], [1, 1], [0, 0], [1, 0], [0, 1], [1, 1], [0, 0]])
+    p_ml = np.where(np.arange(8)[:, None] < 4, y_ml * 0.8 + 0.1, 0.9 - y_ml * 0.8)  # a: right, b: inverted
+    table = per_source(y_ml, p_ml, ["a"] * 4 + ["b"] * 4, ["Effusion", "Mass"], "multilabel")
+    assert table == {"a": {"n": 4.0, "mean_auc": 1.0, "mean_ap": 1.0},
+                     "b": {"n": 4.0, "mean_auc": 0.0, "mean_ap": 0.5}}
