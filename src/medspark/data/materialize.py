@@ -131,7 +131,8 @@ def fingerprint(listing: Listing, pre: PreprocessConfig, split_cfg: dict) -> str
             stat = (st.st_size, st.st_mtime_ns)
         except OSError as e:  # unreadable entries still count: they are part of what was listed
             stat = (e.errno, 0)
-        h.update(os.fsencode(r.path) + f"\0{r.label}\0{r.split}\0{stat}\n".encode())  # a name's own bytes
+        # the name's own bytes; the patient and source too, since they change the split
+        h.update(os.fsencode(r.path) + f"\0{r.label}\0{r.split}\0{r.patient}\0{r.source}\0{stat}\n".encode())
     return h.hexdigest()[:16]
 
 
@@ -212,16 +213,20 @@ def plan_splits(hashed, listing: Listing, split_cfg: dict):
     """From the hash pass's (path, label, split, sha1 or None, reason) rows: the files rejected so far, the
     split report, and the rows to decode, (path, label, split, sha1), in a seeded random order."""
     rejected = [(p, why) for p, _, _, sha, why in hashed if sha is None]
-    ok = [(p, label, sha, split) for p, label, split, sha, _ in hashed if sha is not None]
+    record = {r.path: r for r in listing.records}
+    ok = [splitting.Item(p, label, sha, split, record[p].patient, record[p].source)
+          for p, label, split, sha, _ in hashed if sha is not None]
     policy = split_cfg.get("label_conflicts", "reject")
     report = splitting.assign(ok, listing.classes, split_cfg["val"], split_cfg["test"], split_cfg["seed"],
-                              listing.has_test_split, policy)
+                              listing.has_test_split, policy, task=listing.task)
+    log.info("split: %s files, %s patients, images per patient %s, largest prevalence difference %.3f",
+             report.sizes, report.patients, report.images_per_patient, report.max_prevalence_diff)
     if report.label_conflicts:
         log.warning("%d content(s) are filed under more than one class: %s (split.label_conflicts=%s)",
                     report.label_conflicts, "their files are rejected, see rejected.csv" if policy == "reject"
                     else "each copy is trained with its own label", policy)
     rejected += report.rejected
-    todo = [(p, label, report.assignment[p], sha) for p, label, sha, _ in ok if p in report.assignment]
+    todo = [(it.path, it.label, report.assignment[it.path], it.sha1) for it in ok if it.path in report.assignment]
     # Listings come sorted by class, and Petastorm shuffles whole row groups plus a bounded buffer: written in
     # listing order, a row group (~500 images) holds one class and batches see one or two classes at a time,
     # which wrecks BatchNorm statistics and SGD. A seeded permutation makes every row group a class mix.
