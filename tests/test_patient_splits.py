@@ -149,7 +149,8 @@ def test_multilabel_label_conflicts_and_report():
     items += [Item("/y/1.png", bits([0]), "same", None, "p1000", "s1"),  # one content, two sets of findings
               Item("/y/2.png", bits([0, 1]), "same", None, None, "s2")]
     rep = assign(items, findings, 0.2, 0.2, seed=0, task="multilabel")
-    assert sorted(rep.rejected) == [(p, "conflicting labels: Effusion, Effusion|Mass") for p in ("/y/1.png", "/y/2.png")]
+    why = "conflicting labels: Effusion, Effusion|Mass"
+    assert sorted(rep.rejected) == [("/y/1.png", why), ("/y/2.png", why)]
     assert rep.label_conflicts == 1 and rep.cross_source_duplicates == 1 and "/y/1.png" not in rep.assignment
     assert rep.patients == {s: len({it.patient for it in items[:60] if rep.assignment[it.path] == s})
                             for s in ("train", "val", "test")}
@@ -165,6 +166,10 @@ def test_a_class_of_one_patient_cannot_be_stratified():
     with pytest.raises(ValueError, match=r"class 'b' has 1 independent group\(s\) of images \(a patient's images, "
                                          r"or copies of one content, count once\); at least 3 are needed"):
         assign(items, ["a", "b"], 0.2, 0.2, seed=0)
+    two = [Item(f"/m/{i}.png", bits([i % 2]), f"m{i}", None, f"p{i % 2}") for i in range(10)]  # 2 patients
+    with pytest.raises(ValueError, match=r"the (train|val|test) split is empty: 2 independent group\(s\) of images .* are "
+                                         r"too few for split\.val=0\.2 and split\.test=0\.2; add images"):
+        assign(two, ["Effusion", "Mass"], 0.2, 0.2, seed=0, task="multilabel")
 
 
 def test_check_listing_warns_on_rare_findings_instead_of_failing(caplog):
