@@ -2,7 +2,7 @@
 what that does to the test metrics (issue 12, item 5); and what patient-level splitting costs at NIH scale.
 
     PYTHONPATH=src .venv/bin/python benchmarks/patient_leak.py              # (a) and (c): listing only, seconds
-    PYTHONPATH=src .venv/bin/python benchmarks/patient_leak.py --train --epochs 6 --work /tmp/medspark-leak
+    PYTHONPATH=src .venv/bin/python benchmarks/patient_leak.py --train --epochs 8 --work /tmp/medspark-leak
 
 (a) No Spark, no training: ../shared/datasets/chest-xray-pneumonia is listed as conf/dataset/chest_xray.yaml does,
 with its test folder left out (dataset.split_dirs.test=null: val and test are carved from train/), every file
@@ -289,7 +289,7 @@ def main(argv=None) -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[42, 0, 1, 2, 3])
     ap.add_argument("--train", action="store_true", help="train the two runs (else: report runs already in --work)")
     ap.add_argument("--report-training", action="store_true", help="report the runs in --work without training")
-    ap.add_argument("--epochs", type=int, default=6)
+    ap.add_argument("--epochs", type=int, default=8)
     ap.add_argument("--image-size", type=int, default=64)
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--work", type=Path, default=Path("/tmp/medspark-patient-leak"))

@@ -67,11 +67,9 @@ def with_patients(records: list[Record], pattern: re.Pattern | None, key: str = 
             out.append(r)
             continue
         m = pattern.search(os.path.basename(r.path))
-        if m is None or not (m.group(1) if pattern.groups else m.group(0)):
-            unmatched += 1
-            out.append(r)
-        else:
-            out.append(dataclasses.replace(r, patient=pseudonym(m.group(1) if pattern.groups else m.group(0))))
+        patient = m and m.group(1 if pattern.groups else 0)
+        unmatched += not patient
+        out.append(dataclasses.replace(r, patient=pseudonym(patient)) if patient else r)
     if unmatched:
         log.warning("%d of %d file name(s) do not match %s: no patient known for them (each is split as its own "
                     "patient)", unmatched, len(records), key)
