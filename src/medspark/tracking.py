@@ -300,11 +300,13 @@ def log_data(data) -> None:
     from .data.materialize import rejected_csv
 
     mlflow.log_metrics(data.summary())
-    log_params({"data_url": data.url, "data_fingerprint": data.fingerprint, "classes": ",".join(data.classes)})
+    log_params({"data_url": data.url, "data_fingerprint": data.fingerprint, "classes": ",".join(data.classes),
+                "task": data.task})
     mlflow.log_text(rejected_csv(data.rejected), "data/rejected.csv")
     mlflow.log_dict({"sizes": data.sizes, "per_class": data.per_class, "reused": data.reused, "seconds": data.seconds,
                      "duplicate_groups": data.duplicate_groups, "duplicate_files": data.duplicate_files,
-                     "label_conflicts": data.label_conflicts, "moved_to_test": data.moved_to_test},
+                     "label_conflicts": data.label_conflicts, "moved_to_test": data.moved_to_test, "task": data.task,
+                     "per_source": data.per_source, "split_stats": data.split_stats},
                     "data/splits.json")
     if data.reused:
         mlflow.set_tag("medspark.data_reused", "true")
@@ -397,10 +399,23 @@ def log_model(model, example, registered_name: str | None):
     import mlflow
     from mlflow.models import infer_signature
 
+    model = portable(model)
     signature = infer_signature(example, model.predict(example, verbose=0))
     info = mlflow.tensorflow.log_model(model, name="model", signature=signature, input_example=example,
                                        registered_model_name=registered_name or None)
     return info
+
+
+def portable(model):
+    """The model as plain Keras can reload it: a model compiled with one of medspark's own losses (backends/losses.py)
+    is logged as an uncompiled copy with the same weights (serving and prediction never need the optimizer)."""
+    if type(getattr(model, "loss", None)).__module__.startswith("medspark"):
+        import keras
+
+        copy = model.__class__.from_config(model.get_config())  # clone_model, to_json would compile it too
+        copy.set_weights(model.get_weights())
+        return copy
+    return model
 
 
 CLASSIFIER_NAME = "classifier"  # the packaged model's name in the run, and the registry suffix
