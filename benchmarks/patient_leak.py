@@ -238,8 +238,15 @@ def scale_part() -> dict:
 
 # ---------------------------------------------------------------- report
 
+def se(p: float, n: int) -> float:
+    """The binomial standard error of an accuracy p measured on n images: the noise two runs' figures share."""
+    return (p * (1 - p) / n) ** 0.5
+
+
 def markdown(args, a: dict, b: dict | None, c: dict) -> str:
-    cmd = "PYTHONPATH=src .venv/bin/python benchmarks/patient_leak.py " + " ".join(sys.argv[1:])
+    cmd = "PYTHONPATH=src .venv/bin/python benchmarks/patient_leak.py --seeds " + " ".join(map(str, args.seeds))
+    if b:  # the command that trains the runs reported (--report-training rewrites the report from them)
+        cmd += f" --train --epochs {args.epochs} --image-size {args.image_size} --seed {args.seed} --work {args.work}"
     lines = [f"## Patient leak: chest X-ray pneumonia (Kermany), split by image vs by patient\n",
              f"Command: `{cmd}` (machine: {os.cpu_count()} cores)\n",
              f"Listing: {a['files']} files in train/, {a['matched']} matched by the shipped dataset.patient_pattern, "
@@ -265,15 +272,24 @@ def markdown(args, a: dict, b: dict | None, c: dict) -> str:
                   f"Each run: `python -m medspark.train {b['leak-by-image']['overrides']}` (the patient run without "
                   f"`dataset.patient_pattern=null`). `held-out` = the test/ folder's images of patients with no image "
                   f"in train/, scored by `medspark predict` with each run's classifier.\n",
-                  "| split by | epochs | own test n | own test accuracy | own test AUC | own test acc., seen patients "
-                  "(n) | own test acc., unseen patients (n) | held-out accuracy (n) | held-out AUC |",
+                  "| split by | epochs | own test n | own test accuracy (± s.e.) | own test AUC | own test acc., seen "
+                  "patients (n) | own test acc., unseen patients (n) | held-out accuracy (n) | held-out AUC |",
                   "|---|---|---|---|---|---|---|---|---|"]
         for name, r in b.items():
             p = r["predict"]
             cell = lambda k: f"{p[k]['accuracy']:.3f} ({p[k]['n']})" if k in p else "- (0)"  # noqa: E731
             lines.append(f"| {name.split('-')[-1]} | {r['epochs_run']:.0f} | {r['n_test']} | "
-                         f"{r['test_accuracy']:.3f} | {r['test_auc']:.3f} | {cell('own_test_seen')} | "
+                         f"{r['test_accuracy']:.3f} (± {se(r['test_accuracy'], r['n_test']):.3f}) | "
+                         f"{r['test_auc']:.3f} | {cell('own_test_seen')} | "
                          f"{cell('own_test_unseen')} | {cell('heldout')} | {p['heldout']['auc']:.3f} |")
+        naive = b["leak-by-image"]["predict"]
+        if "own_test_seen" in naive and "own_test_unseen" in naive:
+            seen, unseen = naive["own_test_seen"], naive["own_test_unseen"]
+            diff_se = (se(seen["accuracy"], seen["n"]) ** 2 + se(unseen["accuracy"], unseen["n"]) ** 2) ** 0.5
+            gap = b["leak-by-image"]["test_accuracy"] - b["leak-by-patient"]["test_accuracy"]
+            lines.append(f"\nSplit by image, test images of patients seen in training vs unseen: accuracy "
+                         f"{seen['accuracy'] - unseen['accuracy']:+.3f} (s.e. of the difference {diff_se:.3f}); own "
+                         f"test accuracy by image minus by patient: {gap:+.3f}.")
     lines += ["\n### `splits.assign` at NIH ChestX-ray14 scale (NIH-shaped synthetic listing)\n",
               f"{c['images']} images, {c['patients']} patients, val 0.1, test 0.2; best of 3 on this machine.\n",
               "| task | seconds | largest prevalence diff | sizes | patients per split |", "|---|---|---|---|---|"]
