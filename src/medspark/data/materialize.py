@@ -230,6 +230,8 @@ def plan_splits(hashed, listing: Listing, split_cfg: dict):
     policy = split_cfg.get("label_conflicts", "reject")
     report = splitting.assign(ok, listing.classes, split_cfg["val"], split_cfg["test"], split_cfg["seed"],
                               listing.has_test_split, policy, task=listing.task)
+    log.info("split: %s files, %s patients, images per patient %s, largest prevalence difference %.3f",
+             report.sizes, report.patients, report.images_per_patient, report.max_prevalence_diff)
     if report.label_conflicts:
         log.warning("%d content(s) are filed under more than one class: %s (split.label_conflicts=%s)",
                     report.label_conflicts, "their files are rejected, see rejected.csv" if policy == "reject"
