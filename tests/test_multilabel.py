@@ -57,7 +57,8 @@ def test_full_run_learns_every_finding_and_logs_multilabel_evidence(single_run, 
                 "test_label_cardinality"):
         assert key in m, key
     # patient-level splits, measured and logged: no patient in two splits
-    assert m["data_patient_overlap"] == 0 and m["data_patients_train"] > m["data_patients_test"] > 0
+    assert m["data_split_patient_overlap"] == 0 and m["data_split_patients_train"] > m["data_split_patients_test"] > 0
+    assert m["data_split_max_prevalence_diff"] < 0.1
     assert data.reused and data.multilabel and data.classes == list(cfg.dataset.findings)
     # the thresholds chosen on val ship with the classifier, which answers one probability per finding
     thresholds = json.loads(mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/evaluation/thresholds.json"))

@@ -212,7 +212,7 @@ def materialize(spark, listing: Listing, pre: PreprocessConfig, split_cfg: dict,
     m = Materialized(url, fp, listing.classes, pre.shape, sizes, per_class, n, sum(sizes.values()),
                      sorted(rejected), report.duplicate_groups, report.duplicate_files, report.label_conflicts,
                      report.moved_to_test, seconds, task=listing.task, per_source=per_source,
-                     split_stats=split_stats(report))
+                     split_stats=report.summary())
     if m.listed != m.accepted + len(m.rejected):  # the accounting promise: every listed file is somewhere
         raise RuntimeError(f"accounting error: listed {m.listed} != accepted {m.accepted} + rejected {len(m.rejected)}")
     _save(fs, m)
@@ -230,6 +230,8 @@ def plan_splits(hashed, listing: Listing, split_cfg: dict):
     policy = split_cfg.get("label_conflicts", "reject")
     report = splitting.assign(ok, listing.classes, split_cfg["val"], split_cfg["test"], split_cfg["seed"],
                               listing.has_test_split, policy, task=listing.task)
+    log.info("split: %s files, %s patients, images per patient %s, largest prevalence difference %.3f",
+             report.sizes, report.patients, report.images_per_patient, report.max_prevalence_diff)
     if report.label_conflicts:
         log.warning("%d content(s) are filed under more than one class: %s (split.label_conflicts=%s)",
                     report.label_conflicts, "their files are rejected, see rejected.csv" if policy == "reject"
@@ -242,20 +244,6 @@ def plan_splits(hashed, listing: Listing, split_cfg: dict):
     # which wrecks BatchNorm statistics and SGD. A seeded permutation makes every row group a class mix.
     todo = [todo[i] for i in np.random.default_rng(split_cfg["seed"]).permutation(len(todo))]
     return rejected, report, todo
-
-
-def split_stats(report) -> dict[str, float]:
-    """The split report's numbers worth a metric: patients per split, images per patient, the largest prevalence
-    gap between splits, contents shared by sources (those a SplitReport has)."""
-    out = {}
-    for split, n in (getattr(report, "patients", None) or {}).items():
-        out[f"patients_{split}"] = n
-    for k, v in (getattr(report, "images_per_patient", None) or {}).items():
-        out[f"images_per_patient_{k}"] = v
-    for k in ("patient_overlap", "max_prevalence_diff", "cross_source_duplicates"):
-        if getattr(report, k, None) is not None:
-            out[k] = float(getattr(report, k))
-    return out
 
 
 def finish(results, classes: list[str], task: str, shape, fs_factory, base: str):
