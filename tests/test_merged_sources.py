@@ -290,3 +290,22 @@ def test_per_source_metrics_without_sources_and_for_multiclass_and_multilabel():
     table = per_source(y_ml, p_ml, ["a"] * 4 + ["b"] * 4, ["Effusion", "Mass"], "multilabel")
     assert table == {"a": {"n": 4.0, "mean_auc": 1.0, "mean_ap": 1.0},
                      "b": {"n": 4.0, "mean_auc": 0.0, "mean_ap": 0.5}}
+
+
+def test_merged_sources_benchmark_reproduces_its_documented_counts(tmp_path):
+    """benchmarks/merged_sources.py (without --train) on the real sets: the numbers in its results file."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    shared_dataset("brain-tumor-mri"), shared_dataset("brain-mri-yes-no")
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, str(root / "benchmarks" / "merged_sources.py"), "--out", str(tmp_path)],
+                          cwd=root, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    m = json.loads((tmp_path / "merged_sources.json").read_text())["listing"]
+    assert m["merged_total"] == 5965 and m["distinct_contents"] == 5688
+    assert m["within_source"]["brain_tumor_mri"]["distinct_contents"] == 5521  # as ../shared/datasets/README says
+    assert m["across_sources"]["contents_in_both"] == 61
+    assert "| within brain_mri_yes_no | 22 | 25 | 228 |" in (tmp_path / "merged_sources.md").read_text()
