@@ -75,9 +75,10 @@ def sequential(listing, pre, out: str, row_group_size_mb: int = 8) -> dict:
     for split in {row[2] for row in todo}:
         os.makedirs(f"{base}/{split}", exist_ok=True)
     group_rows = tasks.row_group_rows(pre.shape, row_group_size_mb)
-    results = [tasks.write_chunk(c, pre, base, factory, group_rows) for c in M._chunks(todo, 1)]
+    results = [tasks.write_chunk(c, pre, base, factory, group_rows, listing.task, len(listing.classes))
+               for c in M._chunks(todo, 1)]
     t2 = time.perf_counter()
-    sizes, _, _ = M.finish(results, listing.classes, pre.shape, factory, base)
+    sizes, _, _, _ = M.finish(results, listing.classes, listing.task, pre.shape, factory, base)
     t3 = time.perf_counter()
     return {"images": len(listing.records), "accepted": sum(sizes.values()), "seconds": t3 - t0,
             "stages": {"hash": t1 - t0, "decode_write": t2 - t1, "metadata": t3 - t2}}
@@ -96,7 +97,7 @@ def profile(listing, pre, sample: int = 2000) -> dict:
     from medspark.data.schema import image_schema
 
     paths = [r.path for r in listing.records[:sample]]
-    field = image_schema(pre.shape).image
+    field = image_schema(pre.shape, len(listing.classes)).image
     out, t = {}, time.perf_counter()
     data = [read_bytes(p) for p in paths]
     out["read"] = time.perf_counter() - t

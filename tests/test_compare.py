@@ -155,4 +155,4 @@ def test_defaults_come_from_the_project_config():
     if (project_root() / "conf" / "local" / "default.yaml").exists():
         pytest.skip("conf/local/default.yaml may override the tracking settings on this machine")
     assert compare.defaults() == {"uri": f"sqlite:///{project_root()}/mlruns.db", "experiment": "medspark-synthetic",
-                                  "objective": "test_accuracy"}
+                                  "objective": "auto"}

@@ -174,8 +174,8 @@ def test_each_task_writes_one_complete_file_and_petastorm_indexes_it(spark, tmp_
     rows = pq.read_table(folder / part, columns=["path", "label", "sha1"]).to_pylist()
     index = int(part.split("-")[1].split(".")[0])
     resolver = FilesystemResolver(m.url)
-    tasks.write_chunk((index, [(r["path"], r["label"], "train", r["sha1"]) for r in rows]), PRE,
-                      resolver.get_dataset_path(), resolver.filesystem_factory(), 100)
+    tasks.write_chunk((index, [(r["path"], r["label"], "train", r["sha1"], None, None) for r in rows]), PRE,
+                      resolver.get_dataset_path(), resolver.filesystem_factory(), 100, m.task, len(m.classes))
     assert all(f.startswith("part-") or f == "_common_metadata" for f in os.listdir(folder)), os.listdir(folder)
     assert pq.read_table(folder / part).num_rows == len(rows)
     assert len(read_arrays(m.split_url("train"))[1]) == m.sizes["train"]

@@ -75,7 +75,7 @@ def test_a_new_source_is_one_class_named_by_the_dataset_config(tmp_path):
 def test_source_settings_are_checked_by_name(tmp_path):
     with pytest.raises(DatasetError, match=r"dataset\.layout is not a setting of the ClassFolders source "
                                            r"\(medspark\.data\.sources\.class_folders\.ClassFolders\); its settings: "
-                                           r"root, classes$"):
+                                           r"root, classes, patient_pattern$"):
         listing(root=str(tmp_path), layout="class_folders")
     with pytest.raises(DatasetError, match=r"dataset\._target_ is not set"):
         list_dataset(OmegaConf.create({"name": "t", "root": str(tmp_path)}))

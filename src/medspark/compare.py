@@ -43,7 +43,8 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="medspark compare", description="Compare the runs of an MLflow experiment.")
     p.add_argument("--experiment", help="experiment name (default: tracking.experiment, medspark-synthetic)")
     p.add_argument("--uri", help="tracking URI (default: tracking.uri, sqlite:///<checkout>/mlruns.db)")
-    p.add_argument("--sort", help="metric to sort by (default: train.objective, test_accuracy)")
+    p.add_argument("--sort", help="metric to sort by (default: train.objective; auto = the metric the runs "
+                                  "were judged on, test_accuracy or test_mean_auc for multilabel)")
     p.add_argument("--order", choices=("desc", "asc"), help="default: asc for *loss/*error/*seconds, else desc")
     p.add_argument("--filter", default="", help="MLflow search filter, e.g. \"params.model.name = 'small_cnn'\"")
     p.add_argument("--metrics", help="comma-separated metric columns after the sort metric "
@@ -74,11 +75,13 @@ def compare(args) -> str:
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
+    from .config import runs_objective
+
     if args.limit < 1:
         raise CompareError(f"--limit {args.limit} must be >= 1")
     conf = defaults() if not (args.uri and args.experiment and args.sort) else {}
     uri, name = args.uri or conf["uri"], args.experiment or conf["experiment"]
-    sort = _metric_name(args.sort or conf["objective"])
+    sort = args.sort or conf["objective"]
     client = MlflowClient(tracking_uri=uri)
     try:
         exp = client.get_experiment_by_name(name)
@@ -92,6 +95,7 @@ def compare(args) -> str:
         raise CompareError(f"cannot reach {uri}: {_first_line(str(e))}") from None
     if not runs:
         return f"no runs in experiment {name!r}" + (f" match {args.filter!r}" if args.filter else "") + "\n"
+    sort = _metric_name(runs_objective(sort, runs))
     logged = {k for r in runs for k in r.data.metrics}
     wanted = [_metric_name(m) for m in args.metrics.split(",") if m.strip()] if args.metrics else None
     for m in [sort, *(wanted or [])]:

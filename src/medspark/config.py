@@ -34,6 +34,29 @@ class ConfigError(ValueError):
     """A setting that cannot work; the message names the key and what would."""
 
 
+AUTO_OBJECTIVE = "auto"
+OBJECTIVE_TAG = "medspark.objective"  # the metric a training run's objective resolved to (objective_metric)
+
+
+def objective_metric(objective: str, task: str | None) -> str:
+    """train.objective as the test metric it names, the one place `auto` is resolved: test_mean_auc for a
+    multilabel dataset, test_accuracy for binary and multiclass (and when the task is unknown)."""
+    if str(objective) != AUTO_OBJECTIVE:
+        return str(objective)
+    return "test_mean_auc" if task == "multilabel" else "test_accuracy"
+
+
+def runs_objective(objective: str, runs) -> str:
+    """train.objective for reading finished runs back (sweep summaries, `medspark compare`): `auto` is the metric
+    most of the runs resolved it to (their OBJECTIVE_TAG; runs without it predate tasks: test_accuracy)."""
+    if str(objective) != AUTO_OBJECTIVE:
+        return str(objective)
+    from collections import Counter
+
+    seen = Counter(r.data.tags.get(OBJECTIVE_TAG) or objective_metric(objective, None) for r in runs)
+    return seen.most_common(1)[0][0] if seen else objective_metric(objective, None)
+
+
 def check(cfg: DictConfig) -> None:
     """Everything that can be checked before Spark or TensorFlow start."""
     from .data.preprocess import PreprocessConfig
@@ -57,9 +80,9 @@ def check(cfg: DictConfig) -> None:
     except ValueError as e:
         raise ConfigError(str(e)) from None
     TrainConfig.from_cfg(cfg.train)
-    if not str(cfg.train.objective).startswith("test_"):
-        raise ConfigError(f"train.objective={cfg.train.objective} must be a test metric such as test_accuracy or "
-                          "test_macro_f1")
+    if str(cfg.train.objective) != AUTO_OBJECTIVE and not str(cfg.train.objective).startswith("test_"):
+        raise ConfigError(f"train.objective={cfg.train.objective} must be `auto` or a test metric such as "
+                          "test_accuracy, test_macro_f1 or test_mean_auc")
     check_data_url("paths.data_url", cfg.paths.data_url)
     if cfg.paths.get("checkpoint_url"):
         check_data_url("paths.checkpoint_url", cfg.paths.checkpoint_url)

@@ -1,5 +1,9 @@
 """Post-training evaluation: MLflow-safe metrics and the figures/reports logged as artifacts.
 
+Binary and multiclass (softmax): `evaluate`. Multilabel (a sigmoid per finding): `evaluate_multilabel`, with
+per-finding decision thresholds chosen on the validation split (THRESHOLD_RULE) and applied to the test split.
+`evaluate_split` picks by the dataset's task.
+
 sklearn and matplotlib are imported inside the functions so that importing this module stays cheap
 (numpy only; never TensorFlow). Figures are built on `matplotlib.figure.Figure`, never pyplot, so no
 global figure registry grows across many runs and no display backend is needed.
@@ -48,10 +52,10 @@ def _check_labels(y: np.ndarray | Sequence[int], k: int, what: str) -> np.ndarra
     return y
 
 
-def _check_names(class_names: Sequence[str]) -> list[str]:
+def _check_names(class_names: Sequence[str], minimum: int = 2) -> list[str]:
     names = [str(c) for c in class_names]
-    if len(names) < 2:
-        raise ValueError(f"need at least 2 class names, got {names}")
+    if len(names) < minimum:
+        raise ValueError(f"need at least {minimum} class names, got {names}")
     dup = sorted({c for c in names if names.count(c) > 1})
     if dup:
         raise ValueError(f"class_names must be unique, duplicated: {dup}")
@@ -83,6 +87,11 @@ def _check_probs(probs: np.ndarray, n: int, k: int) -> np.ndarray:
 def _path_safe(name: str) -> bool:
     """MLflow also rejects names that change under posixpath.normpath ('a//b', 'a/', 'a/../b')."""
     return posixpath.normpath(name) == name
+
+
+def _check_prefix(prefix: str) -> None:
+    if not _MLFLOW_KEY.match(f"{prefix}accuracy") or not _path_safe(f"{prefix}accuracy"):
+        raise ValueError(f"prefix {prefix!r} is not MLflow-safe (allowed: alphanumerics, _ - . space /)")
 
 
 def metric_key_names(class_names: Sequence[str]) -> list[str]:
@@ -149,8 +158,7 @@ def classification_metrics(y_true: np.ndarray, probs: np.ndarray, class_names: S
     k = len(names)
     y = _check_labels(y_true, k, "y_true")
     p = _check_probs(probs, len(y), k)
-    if not _MLFLOW_KEY.match(f"{prefix}accuracy") or not _path_safe(f"{prefix}accuracy"):
-        raise ValueError(f"prefix {prefix!r} is not MLflow-safe (allowed: alphanumerics, _ - . space /)")
+    _check_prefix(prefix)
     pred = p.argmax(axis=1)
     labels = list(range(k))
     cm = _confusion(y, pred, k)
@@ -296,9 +304,6 @@ def training_curves_png(history: Mapping[str, Sequence[float]], path) -> Path:
 def roc_curves_png(y_true, probs, class_names, path) -> Path:
     """One-vs-rest ROC per class with its AUC; classes without positives (or negatives) are listed as undefined.
     A binary problem shows the positive class (index 1) only: class 0's curve is its mirror image."""
-    from matplotlib import colormaps
-    from sklearn.metrics import roc_curve
-
     names = _check_names(class_names)
     k = len(names)
     y = _check_labels(y_true, k, "y_true")
@@ -306,29 +311,39 @@ def roc_curves_png(y_true, probs, class_names, path) -> Path:
     with _quiet():
         auc = _ovr_auc(y, p)
     classes = [1] if k == 2 else range(k)
+    curves = [(c, names[c], y == c, p[:, c], auc.get(c)) for c in classes]
+    defined = [auc[c] for c in classes if c in auc]
+    macro = f", macro AUC={np.mean(defined):.3f}" if defined and k > 2 else ""
+    title = ("ROC (positive class: " + names[1] + ")" if k == 2 else "ROC one-vs-rest") + macro
+    return _roc_png(curves, k, title, "ROC undefined:\ny_true holds a single class", path)
+
+
+def _roc_png(curves, k: int, title: str, empty_text: str, path) -> Path:
+    """ROC curves, one per (colour index, name, positives mask, scores, AUC or None) in `curves`; an undefined
+    AUC is a legend entry without a line, so the class (finding) is visibly accounted for."""
+    from matplotlib import colormaps
+    from sklearn.metrics import roc_curve
+
     legend_cols = 1 + k // 20
     fig = _figure(6.5 if k <= 10 else 6.0 + 3.1 * legend_cols, 5.5 if k <= 10 else 6.5)
     ax = fig.add_subplot()
     ax.plot([0, 1], [0, 1], ":", color="grey", lw=1, label="chance")
     cmap = colormaps["tab10" if k <= 10 else "tab20"]
-    undefined = [names[c] for c in classes if c not in auc]
-    for c in classes:
-        if c in auc:
-            fpr, tpr, _ = roc_curve(y == c, p[:, c])
-            ax.plot(fpr, tpr, lw=1.6, color=cmap(c % cmap.N), label=f"{names[c]} (AUC={auc[c]:.3f})")
-    for name in undefined:  # legend entry without a line: the class is visibly accounted for
-        ax.plot([], [], " ", label=f"{name} (AUC undefined)")
-    if len(undefined) == len(classes):
-        ax.text(0.5, 0.6, "ROC undefined:\ny_true holds a single class", ha="center", va="center",
-                fontsize=13, color="dimgrey", transform=ax.transAxes)
+    for c, name, pos, score, auc in curves:
+        if auc is not None:
+            fpr, tpr, _ = roc_curve(pos, score)
+            ax.plot(fpr, tpr, lw=1.6, color=cmap(c % cmap.N), label=f"{name} (AUC={auc:.3f})")
+    for c, name, _, _, auc in curves:
+        if auc is None:
+            ax.plot([], [], " ", label=f"{name} (AUC undefined)")
+    if all(auc is None for *_, auc in curves):
+        ax.text(0.5, 0.6, empty_text, ha="center", va="center", fontsize=13, color="dimgrey", transform=ax.transAxes)
     ax.set_xlim(-0.01, 1.01)  # margins keep perfect curves (along the axes) visible
     ax.set_ylim(-0.01, 1.01)
     ax.set_aspect("equal")
     ax.set_xlabel("False positive rate")
     ax.set_ylabel("True positive rate")
-    defined = [auc[c] for c in classes if c in auc]
-    macro = f", macro AUC={np.mean(defined):.3f}" if defined and k > 2 else ""
-    ax.set_title(("ROC (positive class: " + names[1] + ")" if k == 2 else "ROC one-vs-rest") + macro)
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     if k <= 10:
         ax.legend(loc="lower right", fontsize=8)
@@ -383,20 +398,288 @@ def evaluate(y_true, probs, class_names, out_dir, history=None,
     return metrics, written
 
 
-def evaluate_split(model, data, out_dir, history=None) -> dict[str, float]:
-    """A trained model on the test split of `data` (data.materialize.Materialized), predicted batch by batch (never
-    all in memory), then `evaluate` into out_dir/evaluation; metrics and files are logged to the active MLflow run."""
-    import mlflow
+# ---------------------------------------------------------------------------------------------------------
+# multi-label: zero or more findings per image, one sigmoid score per finding
 
+DEFAULT_THRESHOLD = 0.5
+THRESHOLD_RULE = ("per finding, the cut of the validation split's scores that maximizes F1 (ties: the higher cut), "
+                  "placed halfway to the next lower validation score; a score >= the threshold means the finding "
+                  f"is present; {DEFAULT_THRESHOLD} for a finding without positives in the validation split")
+REPORT_COLUMNS = ("finding", "key", "threshold", "positives", "negatives", "prevalence", "predicted", "tp", "fp",
+                  "fn", "tn", "roc_auc", "average_precision", "f1", "sensitivity", "specificity", "precision")
+
+
+def _check_multi_hot(y, k: int, what: str) -> np.ndarray:
+    """(n, k) rows of 0/1 (int, bool or float), one column per finding."""
+    y = np.asarray(y)
+    if y.ndim != 2 or y.shape[1] != k:
+        raise ValueError(f"{what} must be multi-hot rows of shape (n, {k}) (one column per finding), got shape "
+                         f"{y.shape}")
+    if y.shape[0] == 0:
+        raise ValueError(f"{what} is empty: nothing to evaluate")
+    if not np.isin(y, (0, 1)).all():
+        raise ValueError(f"{what} must hold only 0 and 1 (multi-hot findings), got values such as "
+                         f"{sorted(set(np.unique(y[~np.isin(y, (0, 1))]).tolist()))[:5]}")
+    return y.astype(np.int64)
+
+
+def _check_scores(probs, n: int, k: int, what: str = "probs") -> np.ndarray:
+    """(n, k) float64 independent per-finding probabilities in [0, 1] (sigmoid outputs)."""
+    p = np.asarray(probs, dtype=np.float64)
+    if p.ndim != 2 or p.shape[1] != k:
+        raise ValueError(f"{what} must have shape (n, k) = ({n}, {k}) (one sigmoid output per finding), "
+                         f"got shape {p.shape}")
+    if p.shape[0] != n:
+        raise ValueError(f"the labels have {n} rows but {what} has {p.shape[0]}")
+    if not np.all(np.isfinite(p)):
+        raise ValueError(f"{what} contains NaN or inf in {int((~np.isfinite(p)).any(1).sum())} rows")
+    if (p < 0).any() or (p > 1).any():
+        raise ValueError(f"{what} must be sigmoid probabilities in [0, 1], got values in [{p.min():.4g}, "
+                         f"{p.max():.4g}]: logits?")
+    return p
+
+
+def _f1_cut(y: np.ndarray, s: np.ndarray) -> float | None:
+    """THRESHOLD_RULE for one finding: None when y has no positive."""
+    pos = int(y.sum())
+    if pos == 0:
+        return None
+    order = np.argsort(-s, kind="stable")
+    s, tp = s[order], np.cumsum(y[order])
+    cuts = np.flatnonzero(np.r_[s[1:] != s[:-1], True])  # last row of each run of equal scores
+    f1 = 2 * tp[cuts] / (tp[cuts] + cuts + 1 + pos)     # 2TP / (2TP + FP + FN), FP + TP = cut + 1
+    best = cuts[int(np.argmax(f1))]                     # first maximum: the higher cut
+    if best + 1 == len(s):
+        return float(s[best])
+    mid = (s[best] + s[best + 1]) / 2
+    return float(mid if mid > s[best + 1] else s[best])  # adjacent floats: keep the cut's own score
+
+
+def choose_thresholds(y_val, probs_val, finding_names) -> tuple[np.ndarray, list[str]]:
+    """Per-finding decision thresholds from the validation split (THRESHOLD_RULE) and a note per fallback.
+    y_val None or empty (no validation split): every finding gets DEFAULT_THRESHOLD, noted."""
+    names = _check_names(finding_names, minimum=1)
+    k = len(names)
+    out = np.full(k, DEFAULT_THRESHOLD)
+    if y_val is None or len(y_val) == 0:
+        return out, [f"no validation split: every threshold is {DEFAULT_THRESHOLD}"]
+    y = _check_multi_hot(y_val, k, "y_val")
+    p = _check_scores(probs_val, len(y), k, "probs_val")
+    notes = []
+    for j in range(k):
+        t = _f1_cut(y[:, j], p[:, j])
+        if t is None:
+            notes.append(f"{names[j]}: no positive in the validation split, threshold {DEFAULT_THRESHOLD}")
+        else:
+            out[j] = t
+    return out, notes
+
+
+def _check_thresholds(thresholds, k: int) -> np.ndarray:
+    t = np.full(k, DEFAULT_THRESHOLD) if thresholds is None else np.asarray(thresholds, dtype=np.float64).ravel()
+    if t.shape != (k,) or not np.all(np.isfinite(t)):
+        raise ValueError(f"thresholds must be {k} finite numbers (one per finding), got {np.asarray(thresholds)!r}")
+    return t
+
+
+def _ratio(a: int, b: int) -> float | None:
+    return a / b if b else None
+
+
+def multilabel_summary(y_true, probs, finding_names, thresholds=None) -> dict:
+    """Everything the multi-label report says, unprefixed: {"per_finding": [row per finding (REPORT_COLUMNS;
+    None where undefined)], "aggregates": {...}, "notes": [...]}.
+
+    A finding is present when its score >= its threshold (None: DEFAULT_THRESHOLD for all). Undefined, and
+    left out of the means (the counts n_auc_findings, n_ap_findings, n_f1_findings say how many were
+    averaged): ROC-AUC without positives or without negatives, AP / F1 / sensitivity without positives,
+    specificity without negatives. Micro AUC and AP pool every (image, finding) pair."""
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    names = _check_names(finding_names, minimum=1)
+    k = len(names)
+    y = _check_multi_hot(y_true, k, "y_true")
+    p = _check_scores(probs, len(y), k)
+    t = _check_thresholds(thresholds, k)
+    pred = (p >= t).astype(np.int64)
+    tp, fp = (pred & y).sum(0), (pred & (1 - y)).sum(0)
+    fn, tn = ((1 - pred) & y).sum(0), ((1 - pred) & (1 - y)).sum(0)
+    rows, notes = [], []
+    with _quiet():
+        for j, key in enumerate(metric_key_names(names)):
+            pos, neg = int(y[:, j].sum()), int(len(y) - y[:, j].sum())
+            both = pos and neg
+            rows.append({
+                "finding": names[j], "key": key, "threshold": float(t[j]), "positives": pos, "negatives": neg,
+                "prevalence": pos / len(y), "predicted": int(pred[:, j].sum()), "tp": int(tp[j]), "fp": int(fp[j]),
+                "fn": int(fn[j]), "tn": int(tn[j]),
+                "roc_auc": float(roc_auc_score(y[:, j], p[:, j])) if both else None,
+                "average_precision": float(average_precision_score(y[:, j], p[:, j])) if pos else None,
+                "f1": _ratio(2 * int(tp[j]), 2 * int(tp[j]) + int(fp[j]) + int(fn[j])) if pos else None,
+                "sensitivity": _ratio(int(tp[j]), pos), "specificity": _ratio(int(tn[j]), neg),
+                "precision": _ratio(int(tp[j]), int(tp[j] + fp[j])) if pos or tp[j] + fp[j] else None})
+            if not both:
+                undefined = "ROC-AUC, AP, F1, sensitivity" if not pos else "ROC-AUC, specificity"
+                notes.append(f"{names[j]}: no {'positive' if not pos else 'negative'} in the evaluated split; "
+                             f"{undefined} undefined, left out of the means")
+        flat_y, flat_p = y.ravel(), p.ravel()
+        agg = {"n": float(len(y)), "n_findings": float(k)}
+        for name, col in (("auc", "roc_auc"), ("ap", "average_precision"), ("f1", "f1")):
+            vals = [r[col] for r in rows if r[col] is not None]
+            agg[f"n_{name}_findings"] = float(len(vals))
+            if vals:
+                agg[f"{'macro_f1' if name == 'f1' else 'mean_' + name}"] = float(np.mean(vals))
+        if 0 < flat_y.sum() < flat_y.size:
+            agg["micro_auc"] = float(roc_auc_score(flat_y, flat_p))
+        if flat_y.sum():
+            agg["micro_ap"] = float(average_precision_score(flat_y, flat_p))
+        stp, sfp, sfn = int(tp.sum()), int(fp.sum()), int(fn.sum())
+        if 2 * stp + sfp + sfn:
+            agg["micro_f1"] = 2 * stp / (2 * stp + sfp + sfn)
+    q = np.clip(p, 1e-7, 1 - 1e-7)
+    agg |= {"label_cardinality": float(y.sum(1).mean()), "predicted_label_cardinality": float(pred.sum(1).mean()),
+            "no_finding_rate": float((y.sum(1) == 0).mean()),
+            "subset_accuracy": float((pred == y).all(1).mean()), "hamming_loss": float((pred != y).mean()),
+            "log_loss": float(-(y * np.log(q) + (1 - y) * np.log(1 - q)).mean())}
+    return {"per_finding": rows, "aggregates": agg, "notes": notes}
+
+
+_PER_FINDING_KEYS = {"roc_auc": "roc_auc", "average_precision": "ap", "f1": "f1", "sensitivity": "sensitivity",
+                     "specificity": "specificity", "precision": "precision", "positives": "support"}
+
+
+def multilabel_metrics(y_true, probs, finding_names, thresholds=None, prefix: str = "test_") -> dict[str, float]:
+    """Flat `{prefix}<metric>` floats ready for `mlflow.log_metrics`, never NaN (see `multilabel_summary`).
+
+    Aggregates: mean_auc (macro ROC-AUC, the default champion objective), micro_auc, mean_ap (mAP), micro_ap,
+    macro_f1, micro_f1, label_cardinality, predicted_label_cardinality, no_finding_rate, subset_accuracy,
+    hamming_loss, log_loss (mean binary cross-entropy), n, n_findings, n_auc_findings, n_ap_findings,
+    n_f1_findings. Per finding (sanitized name, see `metric_key_names`): roc_auc_, ap_, f1_, sensitivity_,
+    specificity_, precision_ (at its threshold), support_ (positives); an undefined one is omitted."""
+    _check_prefix(prefix)
+    summary = multilabel_summary(y_true, probs, finding_names, thresholds)
+    m = dict(summary["aggregates"])
+    for r in summary["per_finding"]:
+        for col, name in _PER_FINDING_KEYS.items():
+            if r[col] is not None:
+                m[f"{name}_{r['key']}"] = float(r[col])
+    return {f"{prefix}{name}": v for name, v in m.items()}
+
+
+def multilabel_roc_png(y_true, probs, finding_names, path) -> Path:
+    """One ROC per finding with its AUC; findings without positives or negatives listed as undefined."""
+    s = multilabel_summary(y_true, probs, finding_names)
+    names = [r["finding"] for r in s["per_finding"]]
+    y = _check_multi_hot(y_true, len(names), "y_true")
+    p = _check_scores(probs, len(y), len(names))
+    curves = [(j, names[j], y[:, j] == 1, p[:, j], r["roc_auc"]) for j, r in enumerate(s["per_finding"])]
+    agg = s["aggregates"]
+    mean = f", mean AUC={agg['mean_auc']:.3f} over {int(agg['n_auc_findings'])}" if "mean_auc" in agg else ""
+    return _roc_png(curves, len(names), f"ROC per finding{mean}",
+                    "ROC undefined:\nno finding has both\npositives and negatives", path)
+
+
+def cooccurrence_png(y_true, finding_names, path) -> Path:
+    """Finding co-occurrence: cell (i, j) counts images with both findings (the diagonal: images with finding i);
+    colour is the % of finding i's images that also have finding j, so rare findings read as well as common ones."""
+    names = _check_names(finding_names, minimum=1)
+    k = len(names)
+    y = _check_multi_hot(y_true, k, "y_true")
+    co = y.T @ y
+    rows = np.diag(co)[:, None]
+    pct = np.divide(co, rows, out=np.zeros(co.shape), where=rows > 0) * 100
+
+    side = min(2.5 + 0.6 * k, 36.0)
+    fs = max(4.0, min(10.0, (side - 2.5) / k * 72 / 5))
+    fig = _figure(side + 1.2, side)
+    ax = fig.add_subplot()
+    im = ax.imshow(pct, cmap="Purples", vmin=0, vmax=100)
+    fig.colorbar(im, ax=ax, shrink=0.8, label="% of the row finding's images")
+    if k <= 60:
+        for i in range(k):
+            for j in range(k):
+                txt = f"{co[i, j]}\n{pct[i, j]:.0f}%" if rows[i, 0] else "0\n–"
+                ax.text(j, i, txt, ha="center", va="center", fontsize=fs, color="white" if pct[i, j] > 55 else "black")
+    tick = [_label(c) for c in names]
+    ax.set_xticks(range(k), tick, rotation=45 if k > 3 else 0, ha="right" if k > 3 else "center",
+                  fontsize=max(6.0, fs))
+    ax.set_yticks(range(k), tick, fontsize=max(6.0, fs))
+    ax.set_xlabel("also has")
+    ax.set_ylabel("finding")
+    none = int((y.sum(1) == 0).sum())
+    ax.set_title(f"Finding co-occurrence (n={len(y)}, {none} with no finding, "
+                 f"{int((y.sum(1) > 1).sum())} with several)")
+    return _save(fig, path)
+
+
+def evaluate_multilabel(y_true, probs, finding_names, out_dir, y_val=None, probs_val=None, history=None,
+                        prefix: str = "test_") -> tuple[dict[str, float], list[Path], dict[str, float]]:
+    """Multi-label metrics and artifacts in out_dir, with thresholds chosen on (y_val, probs_val) by
+    THRESHOLD_RULE; returns (metrics, files, {finding: threshold}).
+
+    Files: multilabel_report.json (rule, thresholds, aggregates, one row per finding, notes), multilabel_report.csv
+    (the rows), thresholds.json ({finding: threshold}, what the packaged classifier uses), roc_curves.png,
+    cooccurrence.png (of y_true), training_curves.png (only when history is not None)."""
+    names = _check_names(finding_names, minimum=1)
+    thresholds, notes = choose_thresholds(y_val, probs_val, names)
+    metrics = multilabel_metrics(y_true, probs, names, thresholds, prefix=prefix)  # validates everything
+    summary = multilabel_summary(y_true, probs, names, thresholds)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    by_name = {n: float(t) for n, t in zip(names, thresholds)}
+    report = {"task": "multilabel", "findings": names, "n": len(np.asarray(y_true)), "threshold_rule": THRESHOLD_RULE,
+              "thresholds": by_name, "aggregates": summary["aggregates"], "per_finding": summary["per_finding"],
+              "notes": notes + summary["notes"]}
+    js, csv, th = out / "multilabel_report.json", out / "multilabel_report.csv", out / "thresholds.json"
+    js.write_text(json.dumps(report, indent=2, ensure_ascii=False, default=_jsonable), encoding="utf-8")
+    _write_csv(csv, summary["per_finding"])
+    th.write_text(json.dumps(by_name, indent=2, ensure_ascii=False), encoding="utf-8")
+    written = [js, csv, th]
+    if history is not None:
+        written.append(training_curves_png(history, out / "training_curves.png"))
+    written.append(multilabel_roc_png(y_true, probs, names, out / "roc_curves.png"))
+    written.append(cooccurrence_png(y_true, names, out / "cooccurrence.png"))
+    return metrics, written, by_name
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    import csv
+
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=REPORT_COLUMNS)
+        w.writeheader()
+        w.writerows({c: ("" if r[c] is None else r[c]) for c in REPORT_COLUMNS} for r in rows)
+
+
+def predict_split(model, data, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """(labels, probabilities) of one split of `data` (data.materialize.Materialized), predicted batch by batch
+    (never all images in memory): labels (N,) class indices, or (N, K) multi-hot for multilabel."""
     from .data import loader
 
     probs, labels = [], []
-    for x, y in loader.dataset(data.split_url("test"), data.shape, 128, training=False):
+    k = len(data.classes) if data.multilabel else None
+    for x, y in loader.dataset(data.split_url(split), data.shape, 128, training=False, num_classes=k):
         probs.append(model.predict_on_batch(x))
         labels.append(y.numpy())
-    metrics, files = evaluate(np.concatenate(labels), np.concatenate(probs), data.classes, Path(out_dir) / "evaluation",
-                              history=history)
+    return np.concatenate(labels), np.concatenate(probs)
+
+
+def evaluate_split(model, data, out_dir, history=None) -> tuple[dict[str, float], dict[str, float] | None]:
+    """A trained model on the test split of `data` (data.materialize.Materialized), then `evaluate` (binary,
+    multiclass) or `evaluate_multilabel` (data.task multilabel: thresholds chosen on the validation split) into
+    out_dir/evaluation; metrics and files are logged to the active MLflow run. Returns (metrics, thresholds):
+    {finding: threshold} for multilabel, what the packaged classifier ships with; None otherwise."""
+    import mlflow
+
+    out = Path(out_dir) / "evaluation"
+    y, p = predict_split(model, data, "test")
+    if data.multilabel:
+        y_val, p_val = predict_split(model, data, "val") if data.sizes.get("val") else (None, None)
+        metrics, files, thresholds = evaluate_multilabel(y, p, data.classes, out, y_val=y_val, probs_val=p_val,
+                                                         history=history)
+    else:
+        (metrics, files), thresholds = evaluate(y, p, data.classes, out, history=history), None
     mlflow.log_metrics(metrics)
     for f in files:
         mlflow.log_artifact(str(f), "evaluation")
-    return metrics
+    return metrics, thresholds

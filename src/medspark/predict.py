@@ -8,7 +8,9 @@ model   an MLflow URI of a packaged classifier (the run's `classifier`, see meds
 input   an image file, or a folder read recursively (names starting with `.` or `_` are skipped, as Spark's
         file reader does, so both modes see the same files)
 output  the CSV: path, predicted_class, prob_<class>..., error (one row per file, sorted by path; a file that
-        cannot become an image has no class and its reason in `error`); UTF-8 whatever the file names: a byte
+        cannot become an image has no class and its reason in `error`); a multilabel model writes `findings`
+        (those over their thresholds, "A|B", "No Finding" if none) in place of predicted_class and a
+        prob_<finding> per finding; UTF-8 whatever the file names: a byte
         that is not UTF-8 is written `\\xNN`, a backslash `\\\\` (medspark.data.names.from_text reads it back)
 spark   true = distributed batch inference on a local Spark session: executors read the file bytes
         (`binaryFile`) and run the model, loaded once per Python worker, over Arrow batches (`mapInPandas`)
@@ -110,8 +112,11 @@ def local_path(spark_path: str) -> str:
 
 def check_classifier(metadata, model_uri: str):
     """The model's output schema, if it is a packaged classifier; the Keras `model` takes arrays, not files."""
+    from .serving import answer_column
+
     outputs = metadata.get_output_schema()
-    if outputs is None or "predicted_class" not in outputs.input_names():
+    answers = {answer_column("multiclass"), answer_column("multilabel")}
+    if outputs is None or not answers & set(outputs.input_names()):
         raise ArgError(f"model={model_uri} is not a medspark classifier (it takes arrays, not image files); use the "
                        "run's `classifier` model: models:/<tracking.registered_model>-classifier/<version>")
     return outputs

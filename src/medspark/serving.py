@@ -8,19 +8,26 @@ training data, so a served prediction sees the pixels training saw.
 
     model = mlflow.pyfunc.load_model("models:/medspark-synthetic-classifier/1")
     model.predict(pd.DataFrame({"image": [Path("scan.png").read_bytes()]}))   # or base64 text
-      ->  predicted_class  prob_glioma  prob_meningioma  ...  error
+      ->  predicted_class  prob_glioma  prob_meningioma  ...  error          (binary, multiclass: softmax)
+      ->  findings  prob_Atelectasis  prob_Effusion  ...  error               (multilabel: a sigmoid per finding)
+
+Single-label models answer the most probable class. A multilabel model answers every finding's probability and, in
+`findings`, the findings whose probability reaches that finding's threshold (chosen on the validation split when
+the model was trained, see medspark.evaluate.THRESHOLD_RULE), joined by "|" as NIH ChestX-ray14's CSV writes them,
+"No Finding" when there is none. Models logged before tasks existed carry no task: they are single-label.
 
 A served request is untrusted. The run's `serving:` limits (`ServingLimits`, baked into the model when it is
 logged) bound what one call may cost: images per call, their bytes, and each image's declared size, checked on
 the file's header before any pixel is decoded. Only `FORMATS` are opened, so no other format's parser runs (EPS
-would run Ghostscript). An image that cannot be used gets predicted_class and probabilities null and its reason
-in `error`; the rest of the batch is predicted. A call that breaks a limit, or has no `image` column, is refused
-whole with one short message (`RequestError`: HTTP 400 when served). Nothing the model answers carries a stack
-trace: unexpected errors go to the server's log.
+would run Ghostscript). An image that cannot be used gets predicted_class (findings) and probabilities null and
+its reason in `error`; the rest of the batch is predicted. A call that breaks a limit, or has no `image` column, is
+refused whole with one short message (`RequestError`: HTTP 400 when served). Nothing the model answers carries a
+stack trace: unexpected errors go to the server's log.
 
 What the logged model contains (`log_model`):
   artifacts/model.keras       the trained network (Keras 3 format)
-  artifacts/preprocess.json   {"preprocess": PreprocessConfig fields, "classes": [...], "serving": limits, ...}
+  artifacts/preprocess.json   {"preprocess": PreprocessConfig fields, "classes": [...], "serving": limits,
+                              "task": "binary" | "multiclass" | "multilabel", "thresholds": {finding: t} (multilabel)}
   code/medspark/              this package's source, so the model loads where medspark is not installed
   python_model.pkl            an `ImageClassifier` (pickled by reference to this module)
 plus a signature (input `image` binary; outputs as above), an input example (one PNG from the test split) and
@@ -46,6 +53,7 @@ import mlflow.pyfunc
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import BAD_REQUEST, INTERNAL_ERROR
 
+from .data import targets
 from .data.preprocess import MB, PreprocessConfig, Rejected, bytes_per_pixel, decode
 
 FORMATS = ("PNG", "JPEG", "BMP", "TIFF", "GIF", "WEBP")  # what scans are exported as (Pillow's names; JPEG covers MPO)
@@ -100,8 +108,27 @@ def prob_column(cls: str) -> str:
     return f"prob_{cls}"
 
 
-def output_columns(classes) -> list[str]:
-    return ["predicted_class", *(prob_column(c) for c in classes), "error"]
+def answer_column(task: str | None) -> str:
+    """The answer: `findings` (names joined by "|") for multilabel, else `predicted_class`."""
+    return "findings" if task == "multilabel" else "predicted_class"
+
+
+def output_columns(classes, task: str | None = None) -> list[str]:
+    return [answer_column(task), *(prob_column(c) for c in classes), "error"]
+
+
+def check_thresholds(thresholds, classes) -> dict[str, float]:
+    """{finding: threshold} for every finding, each in [0, 1]; a sequence is taken in `classes` order."""
+    if thresholds is None:
+        raise ValueError("a multilabel classifier needs its per-finding thresholds (evaluate.choose_thresholds)")
+    t = dict(thresholds) if hasattr(thresholds, "keys") else dict(zip(classes, thresholds))
+    if set(t) != set(classes) or (not hasattr(thresholds, "keys") and len(thresholds) != len(classes)):
+        raise ValueError(f"thresholds must name exactly the findings {list(classes)}, got {list(t)}")
+    out = {c: float(t[c]) for c in classes}
+    bad = {c: v for c, v in out.items() if not 0 <= v <= 1}  # NaN fails too
+    if bad:
+        raise ValueError(f"thresholds must be in [0, 1], got {bad}")
+    return out
 
 
 def _missing(v) -> bool:
@@ -161,7 +188,8 @@ def check_image(data: bytes, limits: ServingLimits) -> None:
 
 
 class ImageClassifier(mlflow.pyfunc.PythonModel):
-    """pyfunc model: image file bytes in, predicted class and per-class probabilities out."""
+    """pyfunc model: image file bytes in, per-class probabilities and the predicted class (single-label) or the
+    findings over their thresholds (multilabel) out."""
 
     batch_size = 64  # images per Keras call: bounds memory whatever the request size
 
@@ -172,6 +200,10 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
         self.classes = list(meta["classes"])
         self.preprocess = PreprocessConfig.from_mapping(meta["preprocess"])
         self.limits = ServingLimits.from_mapping(meta.get("serving", {}))  # logged before limits: the defaults
+        self.task = meta.get("task") or targets.task_of(None, self.classes)  # logged before tasks: single-label
+        if self.task == "multilabel":
+            t = check_thresholds(meta.get("thresholds"), self.classes)
+            self.thresholds = np.array([t[c] for c in self.classes])
         self.model = keras.saving.load_model(context.artifacts[KERAS_ARTIFACT], compile=False)
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
@@ -225,11 +257,20 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
         # null, not NaN, where there is no prediction: answers are strict JSON
         out = pd.DataFrame(probs, columns=[prob_column(c) for c in self.classes], index=df.index).astype(object)
         out = out.where(~np.isnan(probs), None)
-        predicted = [None] * n
-        for i in ok:
-            predicted[i] = self.classes[int(np.argmax(probs[i]))]
-        out.insert(0, "predicted_class", pd.Series(predicted, index=df.index, dtype=object))
+        out.insert(0, answer_column(self.task), pd.Series(self.answers(probs, ok, n), index=df.index, dtype=object))
         out["error"] = pd.Series(errors, index=df.index, dtype=object)
+        return out
+
+    def answers(self, probs: np.ndarray, ok: list[int], n: int) -> list[str | None]:
+        """Per row: the argmax class, or the findings at or over their thresholds as "A|B" ("No Finding" if none);
+        None for the rows not predicted."""
+        out = [None] * n
+        for i in ok:
+            if self.task == "multilabel":
+                found = targets.bits(np.flatnonzero(probs[i] >= self.thresholds))
+                out[i] = targets.names(found, self.task, self.classes)
+            else:
+                out[i] = self.classes[int(np.argmax(probs[i]))]
         return out
 
     def predict_arrays(self, images: np.ndarray) -> np.ndarray:
@@ -250,13 +291,13 @@ def png_bytes(image: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def signature(classes):
+def signature(classes, task: str | None = None):
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, DataType, Schema
 
     # optional, so that a request without it gets the model's own one-line refusal rather than MLflow's
     inputs = Schema([ColSpec(DataType.binary, "image", required=False)])
-    outputs = Schema([ColSpec(DataType.string, "predicted_class", required=False),
+    outputs = Schema([ColSpec(DataType.string, answer_column(task), required=False),
                       *(ColSpec(DataType.double, prob_column(c), required=False) for c in classes),
                       ColSpec(DataType.string, "error", required=False)])
     return ModelSignature(inputs=inputs, outputs=outputs)
@@ -279,17 +320,22 @@ def pip_requirements() -> list[str]:
 
 
 def log_model(keras_model, preprocess: PreprocessConfig, classes, example_images=None, name: str = "classifier",
-              registered_model_name: str | None = None, limits: ServingLimits | None = None):
+              registered_model_name: str | None = None, limits: ServingLimits | None = None,
+              task: str | None = None, thresholds=None):
     """Log the packaged classifier into the active run; returns MLflow's ModelInfo.
     example_images: uint8 (N, H, W, C) training-preprocessed images; the first becomes the input example
-    (as a PNG file, which is what callers send). limits: the run's `serving:` config (None = the defaults)."""
+    (as a PNG file, which is what callers send). limits: the run's `serving:` config (None = the defaults).
+    task: the dataset's (None: from the class count); multilabel needs `thresholds`, {finding: t} or one per class
+    in order (evaluate.evaluate_split's)."""
     classes = [str(c) for c in classes]
     limits = asdict(limits or ServingLimits())
+    task = targets.task_of(task, classes)
+    labels = {"task": task, **({"thresholds": check_thresholds(thresholds, classes)} if task == "multilabel" else {})}
     with tempfile.TemporaryDirectory(prefix="medspark-classifier-") as tmp:
         tmp = Path(tmp)
         keras_model.save(tmp / "model.keras")
         meta = {"format": FORMAT, "classes": classes, "preprocess": asdict(preprocess),
-                "input_shape": list(preprocess.shape), "serving": limits}
+                "input_shape": list(preprocess.shape), "serving": limits, **labels}
         (tmp / "preprocess.json").write_text(json.dumps(meta, indent=2))
         code = tmp / "code" / "medspark"
         shutil.copytree(PACKAGE_DIR, code, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
@@ -299,8 +345,8 @@ def log_model(keras_model, preprocess: PreprocessConfig, classes, example_images
         return mlflow.pyfunc.log_model(
             name=name, python_model=ImageClassifier(),
             artifacts={KERAS_ARTIFACT: str(tmp / "model.keras"), META_ARTIFACT: str(tmp / "preprocess.json")},
-            code_paths=[str(code)], signature=signature(classes), input_example=example,
+            code_paths=[str(code)], signature=signature(classes, task), input_example=example,
             pip_requirements=pip_requirements(), registered_model_name=registered_model_name or None,
             metadata={"medspark": {"format": FORMAT, "classes": classes, "preprocess": asdict(preprocess),
-                                   "serving": limits, "input": "DataFrame with `image`: image file bytes "
-                                                                 "(base64 text in JSON)"}})
+                                   "serving": limits, **labels, "input": "DataFrame with `image`: image file bytes "
+                                                                         "(base64 text in JSON)"}})

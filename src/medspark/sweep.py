@@ -29,6 +29,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from .config import runs_objective
 from .tracking import PARENT_RUN_ENV
 
 log = logging.getLogger("medspark")
@@ -116,7 +117,8 @@ class MlflowSweep(Callback):
         children = client.search_runs([self.state["experiment_id"]],
                                       filter_string=f"tags.`mlflow.parentRunId` = '{self.parent_id}'",
                                       order_by=["attributes.start_time ASC"], max_results=10000)
-        objective, maximize = self.state["objective"], self.state["direction"] == "maximize"
+        objective = runs_objective(self.state["objective"], children)  # train.objective=auto: the jobs' metric
+        maximize = self.state["direction"] == "maximize"
         rows = job_rows(children, objective)
         best = best_row(rows, maximize)
         md = table(rows, objective, best)

@@ -300,11 +300,13 @@ def log_data(data) -> None:
     from .data.materialize import rejected_csv
 
     mlflow.log_metrics(data.summary())
-    log_params({"data_url": data.url, "data_fingerprint": data.fingerprint, "classes": ",".join(data.classes)})
+    log_params({"data_url": data.url, "data_fingerprint": data.fingerprint, "classes": ",".join(data.classes),
+                "task": data.task})
     mlflow.log_text(rejected_csv(data.rejected), "data/rejected.csv")
     mlflow.log_dict({"sizes": data.sizes, "per_class": data.per_class, "reused": data.reused, "seconds": data.seconds,
                      "duplicate_groups": data.duplicate_groups, "duplicate_files": data.duplicate_files,
-                     "label_conflicts": data.label_conflicts, "moved_to_test": data.moved_to_test},
+                     "label_conflicts": data.label_conflicts, "moved_to_test": data.moved_to_test, "task": data.task,
+                     "per_source": data.per_source, "split_stats": data.split_stats},
                     "data/splits.json")
     if data.reused:
         mlflow.set_tag("medspark.data_reused", "true")
@@ -397,10 +399,23 @@ def log_model(model, example, registered_name: str | None):
     import mlflow
     from mlflow.models import infer_signature
 
+    model = portable(model)
     signature = infer_signature(example, model.predict(example, verbose=0))
     info = mlflow.tensorflow.log_model(model, name="model", signature=signature, input_example=example,
                                        registered_model_name=registered_name or None)
     return info
+
+
+def portable(model):
+    """The model as plain Keras can reload it: a model compiled with one of medspark's own losses (backends/losses.py)
+    is logged as an uncompiled copy with the same weights (serving and prediction never need the optimizer)."""
+    if type(getattr(model, "loss", None)).__module__.startswith("medspark"):
+        import keras
+
+        copy = model.__class__.from_config(model.get_config())  # clone_model, to_json would compile it too
+        copy.set_weights(model.get_weights())
+        return copy
+    return model
 
 
 CLASSIFIER_NAME = "classifier"  # the packaged model's name in the run, and the registry suffix
@@ -411,16 +426,19 @@ def classifier_registered_name(registered_name: str | None) -> str | None:
     return f"{registered_name}-{CLASSIFIER_NAME}" if registered_name else None
 
 
-def log_classifier(model, preprocess, classes, example_images, registered_name: str | None, serving_cfg=None):
+def log_classifier(model, preprocess, classes, example_images, registered_name: str | None, serving_cfg=None,
+                   task: str | None = None, thresholds=None):
     """The model at work: the same Keras model packaged with the run's preprocessing and class names as a
     pyfunc (`medspark.serving`) that takes raw image files. A second logged model of the run, `classifier`,
     registered as `<registered_name>-classifier` when a name is configured; the Keras model stays `model`.
-    serving_cfg: the `serving:` limits (a mapping), baked into the model; None = their defaults."""
+    serving_cfg: the `serving:` limits (a mapping), baked into the model; None = their defaults. task, thresholds:
+    the dataset's task and, for multilabel, the per-finding thresholds chosen on the validation split."""
     from . import serving
 
     limits = serving.ServingLimits.from_mapping(serving_cfg or {})
-    return serving.log_model(model, preprocess, classes, example_images, name=CLASSIFIER_NAME,
-                             registered_model_name=classifier_registered_name(registered_name), limits=limits)
+    return serving.log_model(portable(model), preprocess, classes, example_images, name=CLASSIFIER_NAME,
+                             registered_model_name=classifier_registered_name(registered_name), limits=limits,
+                             task=task, thresholds=thresholds)
 
 
 def model_uri(info, registered_name: str | None) -> str:
@@ -430,9 +448,10 @@ def model_uri(info, registered_name: str | None) -> str:
     return info.model_uri
 
 
-def log_models(model, data, cfg):
+def log_models(model, data, cfg, thresholds=None):
     """Both models of a training run, with two test images as input example: `model` (Keras) and `classifier`
-    (medspark.serving); registered when tracking.registered_model is set. Returns their (model, classifier) infos."""
+    (medspark.serving, with the dataset's task and, multilabel, `thresholds` {finding: t}); registered when
+    tracking.registered_model is set. Returns their (model, classifier) infos."""
     from omegaconf import OmegaConf
 
     from .data import loader
@@ -443,21 +462,27 @@ def log_models(model, data, cfg):
     info = log_model(model, example.astype("float32"), name)
     pre = PreprocessConfig.from_mapping(OmegaConf.to_container(cfg.preprocess))
     serving_cfg = OmegaConf.to_container(cfg.serving) if cfg.get("serving") else None
-    return info, log_classifier(model, pre, data.classes, example, name, serving_cfg)
+    return info, log_classifier(model, pre, data.classes, example, name, serving_cfg, data.task, thresholds)
 
 
 SUMMARY_TEST = ("test_accuracy", "test_macro_f1", "test_roc_auc_ovr", "test_n")  # the summary's headline metrics
 
 
-def run_summary(cfg, run, models, metrics: dict, result, speed: dict, timings: dict, champion) -> dict:
+SUMMARY_TEST_MULTILABEL = ("test_mean_auc", "test_mean_ap", "test_macro_f1", "test_subset_accuracy",
+                           "test_hamming_loss", "test_n")
+
+
+def run_summary(cfg, run, models, metrics: dict, result, speed: dict, timings: dict, champion,
+                objective: str) -> dict:
     """What a training run's summary.json records and the console shows: where the run and its two models
-    (`models`: log_models' infos) are, the objective, the headline test metrics, speed and wall times."""
+    (`models`: log_models' infos) are, the objective (`objective`: the metric train.objective resolved to),
+    the headline test metrics, speed and wall times."""
     name = cfg.tracking.get("registered_model")
     return {"run_id": run.info.run_id, "experiment_id": run.info.experiment_id,
             "model_uri": model_uri(models[0], name),
             "classifier_uri": model_uri(models[1], classifier_registered_name(name)),
-            "objective": {cfg.train.objective: float(metrics.get(cfg.train.objective, float("nan")))},
-            "test": {k: round(v, 4) for k, v in metrics.items() if k in SUMMARY_TEST},
+            "objective": {objective: float(metrics.get(objective, float("nan")))},
+            "test": {k: round(v, 4) for k, v in metrics.items() if k in SUMMARY_TEST + SUMMARY_TEST_MULTILABEL},
             "training": {"backend": cfg.backend.name, "workers": result.workers,
                          "images_per_second": round(result.images_per_second, 1),
                          **{k: round(v, 3) for k, v in speed.items()}},

@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from . import evaluate, pipeline, registry, resume, tracking
 from .cli import command_errors
-from .config import config_dir, exit_on_bad_overrides
+from .config import OBJECTIVE_TAG, config_dir, exit_on_bad_overrides, objective_metric
 
 log = logging.getLogger("medspark")
 
@@ -48,13 +48,15 @@ def train(cfg: DictConfig, overrides: list[str] | tuple = (), spark=None) -> flo
         key = tracking.baseline_key(data.fingerprint, OmegaConf.to_container(cfg.model, resolve=True), cfg.train.epochs)
         speed = tracking.log_speedup(result, backend.name, key, baseline)
         with timings("evaluate_seconds"):
-            metrics = evaluate.evaluate_split(result.model, data, Path(tmp), history=result.history)
+            metrics, thresholds = evaluate.evaluate_split(result.model, data, Path(tmp), history=result.history)
         with timings("log_model_seconds"):
-            models = tracking.log_models(result.model, data, cfg)
+            models = tracking.log_models(result.model, data, cfg, thresholds=thresholds)
         mlflow.log_metrics(dict(timings))
-        objective = float(metrics.get(cfg.train.objective, float("nan")))
-        champion = registry.promote(cfg.tracking, models[0], cfg.train.objective, objective)
-        summary = tracking.run_summary(cfg, stage.run, models, metrics, result, speed, timings, champion)
+        key = objective_metric(cfg.train.objective, data.task)
+        mlflow.set_tag(OBJECTIVE_TAG, key)
+        objective = float(metrics.get(key, float("nan")))
+        champion = registry.promote(cfg.tracking, models[0], key, objective)
+        summary = tracking.run_summary(cfg, stage.run, models, metrics, result, speed, timings, champion, key)
         mlflow.log_dict(summary, "summary.json")
     tracking.print_summary(summary, cfg.tracking.uri)
     return objective

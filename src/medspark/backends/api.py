@@ -41,7 +41,8 @@ class TrainJob:
         from hydra.utils import instantiate
 
         def build_model(**overrides):
-            return instantiate(cfg.model, input_shape=data.shape, num_classes=len(data.classes), **overrides)
+            return instantiate(cfg.model, input_shape=data.shape, num_classes=len(data.classes),
+                               multilabel=data.multilabel, **overrides)
 
         return cls(data=data, build_model=build_model, train=TrainConfig.from_cfg(cfg.train), spark=spark,
                    seed=int(cfg.seed), checkpoint=checkpoint)
@@ -53,15 +54,30 @@ class TrainJob:
         return loader.dataset(d.split_url(split), d.shape, batch_size, training=training,
                               seed=self.seed if seed is None else seed, augment=self.train.augment,
                               shuffle_buffer=self.train.shuffle_buffer, shard=shard, num_shards=num_shards,
-                              pool=pool, workers=workers, rows=None if num_shards else d.sizes[split])
+                              pool=pool, workers=workers, rows=None if num_shards else d.sizes[split],
+                              num_classes=len(d.classes) if d.multilabel else None)
+
+    def arrays(self, split: str, limit: int | None = None):
+        """A whole (small) split in memory: (images, class labels or multi-hot targets), as the model trains on."""
+        return loader.read_arrays(self.data.split_url(split), limit, multilabel=self.data.multilabel)
 
     def class_weight(self) -> dict[int, float] | None:
-        """'balanced' weights classes by inverse frequency (chest X-ray is 1:2.9); null leaves them equal."""
-        if self.train.class_weight != "balanced":
+        """'balanced' weights classes by inverse frequency (chest X-ray is 1:2.9); null leaves them equal.
+        Multilabel targets cannot be weighted per class by Keras: see `positive_weights` (in the loss)."""
+        if self.train.class_weight != "balanced" or self.data.multilabel:
             return None
         counts = [self.data.per_class["train"][c] for c in self.data.classes]
         total = sum(counts)
         return {i: total / (len(counts) * n) for i, n in enumerate(counts) if n}
+
+    def positive_weights(self) -> list[float] | None:
+        """Multilabel with 'balanced': each finding's positives weigh negatives/positives in the loss (capped at
+        100: a finding with 3 positives in 10,000 must not swamp the others), so rare findings are not ignored."""
+        if self.train.class_weight != "balanced" or not self.data.multilabel:
+            return None
+        n = self.data.sizes["train"]
+        return [min(100.0, (n - p) / p) if p else 1.0 for p in (self.data.per_class["train"][c]
+                                                                   for c in self.data.classes)]
 
 
 @dataclass

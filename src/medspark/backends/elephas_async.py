@@ -88,7 +88,8 @@ class ElephasAsync:
         with ParamServer(initial, self.mode, bind, self.port or 0, self.timeout_s) as server:
             sm = spark_model(model, server, server.client(advertise, updates, self.retries), bs, self.mode,
                              self.frequency)
-            rdd = loader.spark_rows(job.spark, d.split_url("train"), d.shape, n).persist(StorageLevel.MEMORY_AND_DISK)
+            rdd = loader.spark_rows(job.spark, d.split_url("train"), d.shape, n, len(d.classes),
+                                    d.multilabel).persist(StorageLevel.MEMORY_AND_DISK)
             log.info("%s: parameter server on %s:%d (executors use %s:%d), %d workers, frequency=%s", self.name,
                      bind, server.port, advertise, server.port, n, self.frequency)
             start = time.perf_counter()

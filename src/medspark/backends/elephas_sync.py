@@ -52,7 +52,8 @@ class ElephasSync:
         keras.utils.set_random_seed(job.seed)
         t, d = job.train, job.data
         n, bs = partitions_for(job, self.workers, self.name), t.batch_size
-        rdd = loader.spark_rows(job.spark, d.split_url("train"), d.shape, n).persist(StorageLevel.MEMORY_AND_DISK)
+        rdd = loader.spark_rows(job.spark, d.split_url("train"), d.shape, n, len(d.classes), d.multilabel).persist(
+            StorageLevel.MEMORY_AND_DISK)
         model = job.build_model()
         compile_model(model, job)
         spark_model = SparkModel(model, num_workers=None, batch_size=bs)  # partitioned above: no second shuffle
@@ -66,7 +67,8 @@ class ElephasSync:
                 seen = len(spark_model.training_histories)
                 spark_model.fit(rdd, epochs=1, batch_size=bs, verbose=0, shuffle=True, class_weight=job.class_weight())
                 worker_logs = [h for h in spark_model.training_histories[seen:] if h]
-                logs = {k: float(np.mean([h[k][-1] for h in worker_logs])) for k in ("loss", "accuracy")}
+                logs = {k: float(np.mean([h[k][-1] for h in worker_logs])) for k in worker_logs[0]
+                        if not k.startswith("val_")}  # loss, accuracy (and auc, multilabel)
                 logs |= {f"val_{k}": float(v) for k, v in model.evaluate(val, verbose=0, return_dict=True).items()}
                 logs["learning_rate"] = rates.lr
                 epoch_seconds.append(time.perf_counter() - t0)

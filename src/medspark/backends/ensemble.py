@@ -149,10 +149,12 @@ class Ensemble:
             metrics[f"member_{r['index']}_train_seconds"] = r["seconds"]
             metrics[f"member_{r['index']}_unique_fraction"] = r["unique_rows"] / max(1, len_train)
         labels = results[0]["val_labels"]
-        if len(labels):
+        if len(labels):  # the vote averages probabilities: class probabilities, or each finding's
             probs = sum(w * r["val_probs"] for r, w in zip(results, weights))
-            metrics["ensemble_val_accuracy"] = float((probs.argmax(1) == labels).mean())
+            metrics["ensemble_val_accuracy"] = accuracy(probs, labels, d.multilabel)
             metrics["member_val_accuracy_mean"] = float(np.mean(accs))
+            if d.multilabel:
+                metrics["ensemble_val_mean_auc"] = mean_auc(probs, labels)
         n_epochs = max(len(r["epoch_seconds"]) for r in results)
         epoch_seconds = [max(r["epoch_seconds"][e] for r in results if e < len(r["epoch_seconds"]))
                          for e in range(n_epochs)]
@@ -214,6 +216,19 @@ def voting_model(members: list, weights: list[float], input_shape, name: str = "
     return keras.Model(inputs, outputs, name=name)
 
 
+def accuracy(probs: np.ndarray, y: np.ndarray, multilabel: bool) -> float:
+    """Accuracy as Keras reports it for the task: of the argmax class, or per finding at 0.5 (binary accuracy)."""
+    return float(((probs >= 0.5) == (y >= 0.5)).mean() if multilabel else (probs.argmax(1) == y).mean())
+
+
+def mean_auc(probs: np.ndarray, y: np.ndarray) -> float:
+    """Mean ROC-AUC over the findings that have positives and negatives in `y` (NaN when none has)."""
+    from sklearn.metrics import roc_auc_score
+
+    aucs = [roc_auc_score(y[:, k], probs[:, k]) for k in range(y.shape[1]) if 0 < y[:, k].sum() < len(y)]
+    return float(np.mean(aucs)) if aucs else float("nan")
+
+
 # ---------------------------------------------------------------- executor side
 
 def _train_members(job: TrainJob, threads: int, fraction: float, specs):
@@ -230,7 +245,7 @@ def bootstrap_dataset(images: np.ndarray, labels: np.ndarray, index: np.ndarray,
 
     from ..data.loader import batches
 
-    x, y = tf.constant(images), tf.constant(labels.astype(np.int32))
+    x, y = tf.constant(images), tf.constant(labels if labels.ndim > 1 else labels.astype(np.int32))  # multi-hot, int
     ds = tf.data.Dataset.from_tensor_slices(index.astype(np.int64))
     ds = ds.shuffle(len(index), seed=seed, reshuffle_each_iteration=True).map(lambda i: (tf.gather(x, i),
                                                                                          tf.gather(y, i)))
@@ -245,16 +260,14 @@ def _train_member(job: TrainJob, m: Member, threads: int, fraction: float) -> di
     limit_threads(threads, threads)  # before TensorFlow starts in this Python worker (a reused one keeps its pools)
     import keras
 
-    from ..data.loader import read_arrays
-
     keras.backend.clear_session()  # Spark reuses Python workers: start from a clean Keras state
     d, bs, epochs = job.data, job.train.batch_size, job.train.epochs
-    images, labels = read_arrays(d.split_url("train"))  # this executor reads Petastorm itself
+    images, labels = job.arrays("train")  # this executor reads Petastorm itself
     rng = np.random.default_rng([int(job.seed), m.index])
     index = rng.integers(0, len(labels), max(1, round(fraction * len(labels))))  # with replacement
     ds = bootstrap_dataset(images, labels, index, bs, m.seed, job.train.augment, threads)
     del images
-    xv, yv = read_arrays(d.split_url("val"))
+    xv, yv = job.arrays("val")
     xv = xv.astype("float32")
 
     class Progress(keras.callbacks.Callback):  # one line per epoch, tagged with the member (tasks interleave)
@@ -269,7 +282,7 @@ def _train_member(job: TrainJob, m: Member, threads: int, fraction: float) -> di
                            extra_callbacks=(Progress(),), verbose=0)  # the dataset reshuffles
     if len(yv):
         probs = result.model.predict(xv, batch_size=bs, verbose=0).astype("float32")
-        acc = float((probs.argmax(1) == yv).mean())
+        acc = accuracy(probs, yv, d.multilabel)
     else:
         probs, acc = np.zeros((0, 0), "float32"), float("nan")
     return {"index": m.index, "weights": [np.asarray(w) for w in result.model.get_weights()], "val_accuracy": acc,

@@ -19,8 +19,27 @@ from .api import TrainJob, TrainResult
 OPTIMIZERS = {"adam": "Adam", "adamw": "AdamW", "sgd": "SGD", "rmsprop": "RMSprop"}  # train.optimizer -> keras
 
 
+def loss_and_metrics(job: TrainJob) -> tuple[Any, list]:
+    """The job's task decides: integer class labels and a softmax (sparse categorical cross-entropy, accuracy), or
+    multi-hot findings and one sigmoid each (binary cross-entropy, positives weighted per finding with
+    train.class_weight=balanced; binary accuracy as `accuracy`, and the mean ROC-AUC over findings as `auc`)."""
+    import keras
+
+    if not job.data.multilabel:
+        return "sparse_categorical_crossentropy", ["accuracy"]
+    pos = job.positive_weights()
+    if pos is None:
+        loss = keras.losses.BinaryCrossentropy()
+    else:
+        from .losses import PositiveWeightedBCE
+
+        loss = PositiveWeightedBCE(pos)
+    return loss, [keras.metrics.BinaryAccuracy(name="accuracy"),
+                  keras.metrics.AUC(multi_label=True, num_labels=len(job.data.classes), name="auc")]
+
+
 def compile_model(model, job: TrainJob) -> None:
-    """The optimizer of `train`, and the loss and metrics of the job's targets (integer class labels, softmax)."""
+    """The optimizer of `train`, and the loss and metrics of the job's targets (`loss_and_metrics`)."""
     import keras
 
     t = job.train
@@ -30,7 +49,8 @@ def compile_model(model, job: TrainJob) -> None:
     if t.optimizer == "adamw":
         kwargs["weight_decay"] = t.weight_decay
     optimizer = getattr(keras.optimizers, OPTIMIZERS[t.optimizer])(**kwargs)
-    model.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    loss, metrics = loss_and_metrics(job)
+    model.compile(optimizer=optimizer, loss=loss, metrics=metrics)
 
 
 class EpochTimer:

@@ -337,7 +337,7 @@ def barrier_task(_, blob: bytes, spec: WorkerSpec):
 
 # ------------------------------------------------------------ the child: one TensorFlow worker
 
-def keras_multi_worker_fixes(model, strategy, shape: tuple, weighted: bool) -> None:
+def keras_multi_worker_fixes(model, strategy, shape: tuple, weighted: bool, findings: int | None = None) -> None:
     """Make Keras 3 `fit`/`evaluate` work under a multi-worker MultiWorkerMirroredStrategy (measured with Keras
     3.15 + TF 2.19; tensorflow/tensorflow#72388). Applied in the worker's own child process only.
 
@@ -355,7 +355,8 @@ def keras_multi_worker_fixes(model, strategy, shape: tuple, weighted: bool) -> N
         from keras.src.backend.tensorflow import trainer as tf_trainer
     except ImportError:  # another Keras layout: leave it as it is
         return
-    example = [tf.TensorSpec((None, *shape), tf.float32), tf.TensorSpec((None,), tf.int32)]
+    target = tf.TensorSpec((None, findings), tf.float32) if findings else tf.TensorSpec((None,), tf.int32)
+    example = [tf.TensorSpec((None, *shape), tf.float32), target]  # findings: multi-hot targets (multilabel)
     if weighted:
         example.append(tf.TensorSpec((None,), tf.float32))
 
@@ -428,7 +429,8 @@ def worker_main(tmp: str) -> None:
     result = keras_fit.fit(
         job, train_ds, val_ds, batch_size=bs, steps_per_epoch=spec.steps_per_epoch,
         validation_steps=spec.validation_steps or None, strategy=strategy, class_weight=False,  # in the data
-        prepare=lambda model: keras_multi_worker_fixes(model, strategy, tuple(job.data.shape), weights is not None),
+        prepare=lambda model: keras_multi_worker_fixes(model, strategy, tuple(job.data.shape), weights is not None,
+                                                       len(job.data.classes) if job.data.multilabel else None),
         verbose=None if index == 0 else 0)
     out = {"done": True}
     if index == 0:  # the chief's weights, its BatchNorm statistics re-estimated over the whole train split

@@ -1,5 +1,8 @@
 """Petastorm Parquet -> tf.data: static shapes, shuffling, augmentation, prefetch, exact epochs.
 
+A model trains on a row's `label` (class index, sparse softmax) or, for a multilabel dataset, its multi-hot
+`targets` (one sigmoid per finding): `multilabel=`/`num_classes=` below choose, nothing else differs.
+
 Each pass over the dataset opens a fresh Petastorm reader (num_epochs=1) inside a generator, so Keras
 sees a finite dataset that it can iterate once per epoch (no steps_per_epoch guessing, no `.repeat()`,
 which Petastorm datasets cannot do), row groups are reshuffled every epoch with a new seed, and a
@@ -14,46 +17,78 @@ import numpy as np
 from ..config import Augment  # train.augment, typed (re-exported here for the loader's callers)
 
 
-def read_rows(url: str, shuffle: bool, seed: int | None = None, shard: int | None = None, num_shards: int | None = None,
-              workers: int = 4, pool: str = "dummy"):
-    """(image uint8 HWC, label) pairs from one Petastorm split, read once. pool="dummy" reads row groups
-    synchronously in the calling thread (tf.data's prefetch overlaps it with training; ~5k rows/s at 128 px);
-    "thread" decodes row groups in parallel but its end-of-data detection once ended an epoch early under load."""
+def target_column(multilabel: bool) -> str:
+    """What a model trains on: the class index (`label`, sparse softmax), or the multi-hot `targets` (sigmoids)."""
+    return "targets" if multilabel else "label"
+
+
+def read_columns(url: str, columns, shuffle: bool = False, seed: int | None = None, shard: int | None = None,
+                 num_shards: int | None = None, workers: int = 4, pool: str = "dummy"):
+    """Rows (tuples of `columns`) of one Petastorm split, read once. pool="dummy" reads row groups synchronously in
+    the calling thread (tf.data's prefetch overlaps it with training; ~5k rows/s at 128 px); "thread" decodes row
+    groups in parallel but its end-of-data detection once ended an epoch early under load."""
     from petastorm import make_reader
 
-    reader = make_reader(url, schema_fields=["image", "label"], num_epochs=1, shuffle_row_groups=shuffle, seed=seed,
+    columns = list(columns)
+    reader = make_reader(url, schema_fields=columns, num_epochs=1, shuffle_row_groups=shuffle, seed=seed,
                          cur_shard=shard, shard_count=num_shards, workers_count=workers, reader_pool_type=pool)
     try:
         for row in reader:
-            yield row.image, row.label
+            yield tuple(getattr(row, c) for c in columns)
     finally:  # not `with`: its exit prints "Cache cleanup complete." every epoch; we use no cache to clean
         reader.stop()
         reader.join()
 
 
-def read_arrays(url: str, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """A whole (small) split in memory, in file order: for evaluation, examples and tests."""
-    pairs = list(itertools.islice(read_rows(url, shuffle=False), limit))
+def read_rows(url: str, shuffle: bool, seed: int | None = None, shard: int | None = None, num_shards: int | None = None,
+              workers: int = 4, pool: str = "dummy", multilabel: bool = False):
+    """(image uint8 HWC, target) pairs from one Petastorm split, read once: the target is the int class index, or
+    for multilabel the float32 multi-hot findings vector."""
+    rows = read_columns(url, ["image", target_column(multilabel)], shuffle, seed, shard, num_shards, workers, pool)
+    if not multilabel:
+        yield from rows
+    else:
+        for image, targets in rows:
+            yield image, targets.astype(np.float32)
+
+
+def read_split(url: str, columns=("image", "label", "targets", "path", "patient", "source"),
+               limit: int | None = None) -> dict[str, np.ndarray]:
+    """Columns of a whole (small) split in memory, in file order, as arrays (images stacked (N, H, W, C), targets
+    (N, K)): for evaluation (per source, per patient), audits and tests."""
+    rows = list(itertools.islice(read_columns(url, columns), limit))
+    out = {}
+    for i, c in enumerate(columns):
+        values = [r[i] for r in rows]
+        out[c] = np.stack(values) if values and isinstance(values[0], np.ndarray) else np.asarray(values)
+    return out
+
+
+def read_arrays(url: str, limit: int | None = None, multilabel: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """A whole (small) split in memory, in file order: (images, labels (N,) int32 or multi-hot (N, K) float32)."""
+    pairs = list(itertools.islice(read_rows(url, shuffle=False, multilabel=multilabel), limit))
     if not pairs:
-        return np.zeros((0,), np.uint8), np.zeros((0,), np.int32)
+        return np.zeros((0,), np.uint8), np.zeros((0,), np.float32 if multilabel else np.int32)
     images, labels = zip(*pairs)
-    return np.stack(images), np.asarray(labels, np.int32)
+    return np.stack(images), (np.stack(labels) if multilabel else np.asarray(labels, np.int32))
 
 
-def spark_rows(spark, url: str, shape: tuple[int, int, int], partitions: int | None = None):
-    """A split as an RDD of (float32 image HWC, int label), decoded on the executors that read the Parquet
-    files: for backends that train on Spark partitions (Elephas). Pixels never pass through the driver.
-    partitions: spread the rows evenly over this many partitions (one per worker)."""
+def spark_rows(spark, url: str, shape: tuple[int, int, int], partitions: int | None = None, num_classes: int = 2,
+               multilabel: bool = False):
+    """A split as an RDD of (float32 image HWC, target: int label or float32 multi-hot vector), decoded on the
+    executors that read the Parquet files: for backends that train on Spark partitions (Elephas). Pixels never pass
+    through the driver. partitions: spread the rows evenly over this many partitions (one per worker)."""
     from .schema import image_schema
 
-    codec = image_schema(shape).image.codec
-    field = image_schema(shape).image
+    schema = image_schema(shape, num_classes)
+    image, targets = schema.image, schema.targets
 
     def decode(rows):
         for r in rows:
-            yield codec.decode(field, r.image).astype(np.float32), int(r.label)
+            x = image.codec.decode(image, r.image).astype(np.float32)
+            yield x, (targets.codec.decode(targets, r.targets).astype(np.float32) if multilabel else int(r.label))
 
-    rdd = spark.read.parquet(url).select("image", "label").rdd.mapPartitions(decode)
+    rdd = spark.read.parquet(url).select("image", target_column(multilabel)).rdd.mapPartitions(decode)
     return rdd.repartition(partitions) if partitions else rdd
 
 
@@ -75,19 +110,23 @@ def augment_layer(aug: Augment, seed: int):
 
 def dataset(url: str, shape: tuple[int, int, int], batch_size: int, training: bool, seed: int = 0,
             augment: Augment | None = None, shuffle_buffer: int = 0, shard: int | None = None,
-            num_shards: int | None = None, workers: int = 4, pool: str = "dummy", rows: int | None = None):
-    """A tf.data.Dataset of (float32 images in [0, 255], int32 labels) batches from a Petastorm split.
+            num_shards: int | None = None, workers: int = 4, pool: str = "dummy", rows: int | None = None,
+            num_classes: int | None = None):
+    """A tf.data.Dataset of (float32 images in [0, 255], targets) batches from a Petastorm split: int32 class
+    labels, or with `num_classes` (multilabel) float32 multi-hot rows of that many findings.
     rows: the split's row count when the whole split is read (gives Keras its progress totals)."""
     import tensorflow as tf
 
     epoch = itertools.count()  # a new row-group order every pass
 
+    multilabel = num_classes is not None
+
     def gen():
         yield from read_rows(url, shuffle=training, seed=seed + next(epoch) if training else None, shard=shard,
-                             num_shards=num_shards, workers=workers, pool=pool)
+                             num_shards=num_shards, workers=workers, pool=pool, multilabel=multilabel)
 
-    ds = tf.data.Dataset.from_generator(gen, output_signature=(
-        tf.TensorSpec(shape, tf.uint8), tf.TensorSpec((), tf.int32)))
+    target = tf.TensorSpec((num_classes,), tf.float32) if multilabel else tf.TensorSpec((), tf.int32)
+    ds = tf.data.Dataset.from_generator(gen, output_signature=(tf.TensorSpec(shape, tf.uint8), target))
     if rows is not None and num_shards is None:
         ds = ds.apply(tf.data.experimental.assert_cardinality(rows))
     if training and shuffle_buffer > 1:

@@ -31,13 +31,15 @@ import numpy as np
 from . import splits as splitting
 from .names import from_text, to_text
 from .preprocess import PreprocessConfig
+from . import targets
 from .schema import image_schema
 from .sources import Listing
 from .tasks import hash_partition, row_group_rows, write_chunk  # what the Spark tasks run
 
 log = logging.getLogger(__name__)
-FORMAT_VERSION = 2  # bump when the on-disk layout or schema changes: old folders then stop matching
+FORMAT_VERSION = 3  # bump when the on-disk layout or schema changes: old folders then stop matching
 # v2: rows are written in a seeded random order (v1 kept the listing order: class-sorted row groups).
+# v3: `targets` (one-hot / multi-hot), `patient` and `source` columns; the label of a multilabel row is a bitmask.
 MANIFEST = "_MEDSPARK_DATASET.json"
 REJECTED = "rejected.csv"
 
@@ -46,10 +48,10 @@ REJECTED = "rejected.csv"
 class Materialized:
     url: str
     fingerprint: str
-    classes: list[str]
+    classes: list[str]  # class names, or the finding names of a multilabel set
     shape: tuple[int, int, int]
     sizes: dict[str, int]  # accepted images per split
-    per_class: dict[str, dict[str, int]]
+    per_class: dict[str, dict[str, int]]  # split -> class -> images (multilabel: images positive for the finding)
     listed: int
     accepted: int
     rejected: list[tuple[str, str]]  # (path, reason)
@@ -60,6 +62,13 @@ class Materialized:
     seconds: dict[str, float]  # hash, preprocess, write
     reused: bool = False
     notes: list[str] = field(default_factory=list)
+    task: str = "multiclass"  # binary | multiclass | multilabel (data/targets.py)
+    per_source: dict[str, dict[str, int]] = field(default_factory=dict)  # split -> source -> images (merged sets)
+    split_stats: dict[str, float] = field(default_factory=dict)  # patients per split, prevalence gap, ... (splits)
+
+    @property
+    def multilabel(self) -> bool:
+        return self.task == "multilabel"
 
     def split_url(self, split: str) -> str:
         return f"{self.url}/{split}"
@@ -71,6 +80,7 @@ class Materialized:
                "data_label_conflicts": self.label_conflicts, "data_moved_to_test": self.moved_to_test,
                "data_reused": int(self.reused)}
         out.update({f"data_n_{s}": n for s, n in self.sizes.items()})
+        out.update({f"data_{k}": v for k, v in self.split_stats.items()})
         return out
 
 
@@ -123,15 +133,15 @@ def normalize_url(url: str) -> str:
 def fingerprint(listing: Listing, pre: PreprocessConfig, split_cfg: dict) -> str:
     """Changes whenever an input file, a label, a preprocessing or a split setting changes."""
     h = hashlib.sha256()
-    h.update(json.dumps({"v": FORMAT_VERSION, "pre": asdict(pre), "split": split_cfg, "classes": listing.classes},
-                        sort_keys=True).encode())
+    h.update(json.dumps({"v": FORMAT_VERSION, "pre": asdict(pre), "split": split_cfg, "classes": listing.classes,
+                        "task": listing.task, "refused": len(listing.rejected)}, sort_keys=True).encode())
     for r in listing.records:
         try:
             st = os.stat(r.path)
             stat = (st.st_size, st.st_mtime_ns)
         except OSError as e:  # unreadable entries still count: they are part of what was listed
             stat = (e.errno, 0)
-        h.update(os.fsencode(r.path) + f"\0{r.label}\0{r.split}\0{stat}\n".encode())  # a name's own bytes
+        h.update(os.fsencode(r.path) + f"\0{r.label}\0{r.split}\0{stat}\0{r.patient}\0{r.source}\n".encode())
     return h.hexdigest()[:16]
 
 
@@ -165,15 +175,16 @@ def materialize(spark, listing: Listing, pre: PreprocessConfig, split_cfg: dict,
         fs.delete(url)
     sc = spark.sparkContext
     records = [(r.path, r.label, r.split) for r in listing.records]
-    n = len(records)
+    n = len(records) + len(listing.rejected)  # listed: the source's own refusals count as listed and rejected
 
     t = time.perf_counter()
-    sc.setJobDescription(f"medspark: hash {n} files")
-    hashed = (sc.parallelize(records, _task_count(n, sc.defaultParallelism, 25_000))
+    sc.setJobDescription(f"medspark: hash {len(records)} files")
+    hashed = (sc.parallelize(records, _task_count(len(records), sc.defaultParallelism, 25_000))
               .mapPartitions(lambda it: hash_partition(it, pre.max_file_mb)).collect())
     seconds["hash"] = time.perf_counter() - t
     t = time.perf_counter()
     rejected, report, todo = plan_splits(hashed, listing, split_cfg)
+    rejected += listing.rejected
     seconds["split"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -186,20 +197,22 @@ def materialize(spark, listing: Listing, pre: PreprocessConfig, split_cfg: dict,
         fs.mkdirs(f"{url}/{split}")
     group_rows = row_group_rows(pre.shape, row_group_size_mb)
     sc.setJobDescription(f"medspark: decode + resize {len(todo)} images to {pre.shape} and write Parquet")
+    task, k = listing.task, len(listing.classes)
     results = (sc.parallelize(chunks, len(chunks))
-               .mapPartitions(lambda it: [write_chunk(c, pre, base, fs_factory, group_rows) for c in it])
+               .mapPartitions(lambda it: [write_chunk(c, pre, base, fs_factory, group_rows, task, k) for c in it])
                .collect())
     seconds["preprocess"] = time.perf_counter() - t  # decode, encode and Parquet write, fused in each task
 
     t = time.perf_counter()
-    sizes, per_class, bad = finish(results, listing.classes, pre.shape, fs_factory, base)
+    sizes, per_class, per_source, bad = finish(results, listing.classes, listing.task, pre.shape, fs_factory, base)
     rejected += bad
     sc.setJobDescription(None)
     seconds["write"] = time.perf_counter() - t  # Petastorm metadata (the Parquet itself is written above)
 
     m = Materialized(url, fp, listing.classes, pre.shape, sizes, per_class, n, sum(sizes.values()),
                      sorted(rejected), report.duplicate_groups, report.duplicate_files, report.label_conflicts,
-                     report.moved_to_test, seconds)
+                     report.moved_to_test, seconds, task=listing.task, per_source=per_source,
+                     split_stats=report.summary())
     if m.listed != m.accepted + len(m.rejected):  # the accounting promise: every listed file is somewhere
         raise RuntimeError(f"accounting error: listed {m.listed} != accepted {m.accepted} + rejected {len(m.rejected)}")
     _save(fs, m)
@@ -210,18 +223,22 @@ def materialize(spark, listing: Listing, pre: PreprocessConfig, split_cfg: dict,
 
 def plan_splits(hashed, listing: Listing, split_cfg: dict):
     """From the hash pass's (path, label, split, sha1 or None, reason) rows: the files rejected so far, the
-    split report, and the rows to decode, (path, label, split, sha1), in a seeded random order."""
+    split report, and the rows to decode, (path, label, split, sha1, patient, source), in a seeded random order."""
     rejected = [(p, why) for p, _, _, sha, why in hashed if sha is None]
-    ok = [(p, label, sha, split) for p, label, split, sha, _ in hashed if sha is not None]
+    who = {r.path: (r.patient, r.source) for r in listing.records}
+    ok = [splitting.Item(p, label, sha, split, *who[p]) for p, label, split, sha, _ in hashed if sha is not None]
     policy = split_cfg.get("label_conflicts", "reject")
     report = splitting.assign(ok, listing.classes, split_cfg["val"], split_cfg["test"], split_cfg["seed"],
-                              listing.has_test_split, policy)
+                              listing.has_test_split, policy, task=listing.task)
+    log.info("split: %s files, %s patients, images per patient %s, largest prevalence difference %.3f",
+             report.sizes, report.patients, report.images_per_patient, report.max_prevalence_diff)
     if report.label_conflicts:
         log.warning("%d content(s) are filed under more than one class: %s (split.label_conflicts=%s)",
                     report.label_conflicts, "their files are rejected, see rejected.csv" if policy == "reject"
                     else "each copy is trained with its own label", policy)
     rejected += report.rejected
-    todo = [(p, label, report.assignment[p], sha) for p, label, sha, _ in ok if p in report.assignment]
+    todo = [(it.path, it.label, report.assignment[it.path], it.sha1, it.patient, it.source) for it in ok
+            if it.path in report.assignment]
     # Listings come sorted by class, and Petastorm shuffles whole row groups plus a bounded buffer: written in
     # listing order, a row group (~500 images) holds one class and batches see one or two classes at a time,
     # which wrecks BatchNorm statistics and SGD. A seeded permutation makes every row group a class mix.
@@ -229,25 +246,30 @@ def plan_splits(hashed, listing: Listing, split_cfg: dict):
     return rejected, report, todo
 
 
-def finish(results, classes: list[str], shape, fs_factory, base: str):
-    """Tally what the write_chunk tasks reported and write each split's Petastorm metadata.
-    Returns (sizes per split, per-class counts per split, files rejected while decoding)."""
+def finish(results, classes: list[str], task: str, shape, fs_factory, base: str):
+    """Tally what the write_chunk tasks reported and write each split's Petastorm metadata. Returns (sizes per
+    split, per-class counts per split, per-source counts per split, files rejected while decoding)."""
     sizes = dict.fromkeys(splitting.SPLITS, 0)
     per_class = {s: dict.fromkeys(classes, 0) for s in splitting.SPLITS}
+    per_source: dict[str, dict[str, int]] = {}
     files: dict[str, dict[str, int]] = {}
     rejected = []
     for r in results:
-        for (split, label), c in r["counts"].items():
+        for (split, label, source), c in r["counts"].items():
             sizes[split] += c
-            per_class[split][classes[label]] += c
+            for i in targets.indices(label, task):
+                per_class[split][classes[i]] += c
+            if source:
+                per_source.setdefault(split, {}).setdefault(source, 0)
+                per_source[split][source] += c
         rejected += r["rejected"]
         for split, written in r["files"].items():
             files.setdefault(split, {}).update(written)
-    schema = image_schema(shape)
+    schema = image_schema(shape, len(classes))
     for split, row_groups in files.items():
         if row_groups:
             _petastorm_metadata(fs_factory(), f"{base}/{split}", schema, row_groups)
-    return sizes, per_class, rejected
+    return sizes, per_class, per_source, rejected
 
 
 def _chunks(todo, parallelism: int, max_rows: int = 5000):

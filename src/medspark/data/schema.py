@@ -16,26 +16,30 @@ class Column:
     dtype: type  # numpy type of a decoded value
     arrow: str  # pyarrow type (a pyarrow function name), as Parquet stores the column
     spark: str | None  # pyspark.sql.types class of a scalar (Petastorm ScalarCodec); None: an array (NdarrayCodec)
-    image: bool = False  # shape: the preprocessed image's (h, w, c) when true, else a scalar ()
+    shape: str = ""  # an array's shape: "image" = the preprocessed (h, w, c), "classes" = (K,); "" = a scalar ()
 
 
-COLUMNS = (
-    Column("image", np.uint8, "binary", None, image=True),  # fixed shape (static shapes for tf.data), .npy bytes
-    Column("label", np.int32, "int32", "IntegerType"),
+COLUMNS = (  # the order of a row as data/tasks.py writes it
+    Column("image", np.uint8, "binary", None, shape="image"),  # fixed shape (static shapes for tf.data), .npy bytes
+    Column("label", np.int32, "int32", "IntegerType"),  # class index, or the findings' bitmask (data/targets.py)
+    Column("targets", np.uint8, "binary", None, shape="classes"),  # one-hot class / multi-hot findings (.npy)
     Column("path", np.str_, "string", "StringType"),  # source file, for audits: names.to_text (from_text: the path)
     Column("sha1", np.str_, "string", "StringType"),  # content identity
     Column("split", np.str_, "string", "StringType"),
+    Column("patient", np.str_, "string", "StringType"),  # pseudonym (data/phi.py), "" when unknown: never a raw id
+    Column("source", np.str_, "string", "StringType"),  # the source of a merged dataset, "" for a single source
 )
 
 
-def image_schema(shape: tuple[int, int, int]) -> "Unischema":  # noqa: F821
-    """The Petastorm Unischema of a split of `shape`-sized images."""
+def image_schema(shape: tuple[int, int, int], num_classes: int) -> "Unischema":  # noqa: F821
+    """The Petastorm Unischema of a split of `shape`-sized images labelled over `num_classes` classes."""
     from petastorm.codecs import NdarrayCodec, ScalarCodec
     from petastorm.unischema import Unischema, UnischemaField
     from pyspark.sql import types
 
+    shapes = {"image": tuple(shape), "classes": (int(num_classes),), "": ()}
     return Unischema("MedImage", [
-        UnischemaField(c.name, c.dtype, shape if c.image else (),
+        UnischemaField(c.name, c.dtype, shapes[c.shape],
                        NdarrayCodec() if c.spark is None else ScalarCodec(getattr(types, c.spark)()), False)
         for c in COLUMNS])
 

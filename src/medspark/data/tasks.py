@@ -14,6 +14,7 @@ import numpy as np
 from .names import to_text
 from .preprocess import PreprocessConfig, Rejected, content_hash, decode, read_bytes
 from .schema import arrow_schema
+from .targets import target_rows
 
 
 def encode_ndarray(image: np.ndarray) -> bytes:
@@ -50,13 +51,14 @@ class _SplitFile:
     """One split's Parquet file of one task: written under a hidden temporary name (readers skip names that
     start with '.'), renamed to its final, deterministic name once complete."""
 
-    def __init__(self, fs, url: str, split: str, index: int, group_rows: int):
+    def __init__(self, fs, url: str, split: str, index: int, group_rows: int, task: str, num_classes: int):
         import uuid
 
         import pyarrow as pa
         import pyarrow.parquet as pq
 
         self.pa, self.fs, self.split, self.group_rows = pa, fs, split, group_rows
+        self.task, self.num_classes = task, num_classes
         self.schema = arrow_schema()  # data/schema.py: the columns' one definition
         self.name = f"part-{index:05d}.parquet"
         self.final = f"{url}/{split}/{self.name}"
@@ -65,14 +67,16 @@ class _SplitFile:
         self.writer = pq.ParquetWriter(self.stream, self.schema, compression="none")  # pixels barely compress
         self.buffer, self.groups = [], 0
 
-    def add(self, image_bytes: bytes, label: int, path: str, sha: str) -> None:
-        self.buffer.append((image_bytes, label, to_text(path), sha))  # any file name: data/names.py
+    def add(self, image_bytes: bytes, label: int, path: str, sha: str, patient: str | None, source: str | None):
+        self.buffer.append((image_bytes, label, to_text(path), sha, patient or "", source or ""))  # any file name
         if len(self.buffer) >= self.group_rows:
             self.flush()
 
     def flush(self) -> None:
         if self.buffer:
-            cols = list(zip(*self.buffer)) + [[self.split] * len(self.buffer)]
+            image, label, path, sha, patient, source = zip(*self.buffer)
+            targets = [encode_ndarray(t) for t in target_rows(label, self.task, self.num_classes)]
+            cols = [image, label, targets, path, sha, [self.split] * len(self.buffer), patient, source]  # COLUMNS' order
             self.writer.write_table(self.pa.Table.from_arrays(
                 [self.pa.array(c, f.type) for c, f in zip(cols, self.schema)], schema=self.schema))
             self.groups += 1
@@ -91,20 +95,23 @@ class _SplitFile:
             self.fs.rm(self.tmp)
 
 
-def write_chunk(chunk, pre: PreprocessConfig, url: str, fs_factory, group_rows: int) -> dict:
+def write_chunk(chunk, pre: PreprocessConfig, url: str, fs_factory, group_rows: int, task: str,
+                num_classes: int) -> dict:
     """One task: decode a chunk of files and write each split's rows as one Parquet file of that split.
 
     A task that dies (a lost executor, a kill) leaves no partial file behind (temporary names), and a retried
     or speculative attempt of the same chunk replaces the same files instead of duplicating their rows.
     Pixels go from the image file to Parquet inside this Python worker; the driver gets counts back:
-    {"counts": {(split, label): n}, "rejected": [(path, reason)], "files": {split: {file: row groups}}}.
+    {"counts": {(split, label, source): n}, "rejected": [(path, reason)], "files": {split: {file: row groups}}}.
+    chunk: (index, rows), a row (path, label, split, sha1, patient, source); task and num_classes say how a label
+    becomes its `targets` vector (data/targets.py).
     """
     index, rows = chunk
     fs = fs_factory()
     files: dict[str, _SplitFile] = {}
     counts, rejected, ok = {}, [], False
     try:
-        for path, label, split, sha in rows:
+        for path, label, split, sha, patient, source in rows:
             try:
                 image = decode(read_bytes(path, pre.max_file_mb), pre)
             except Rejected as e:
@@ -114,9 +121,9 @@ def write_chunk(chunk, pre: PreprocessConfig, url: str, fs_factory, group_rows: 
                 rejected.append((path, f"unexpected {type(e).__name__}: {e}"))
                 continue
             if split not in files:
-                files[split] = _SplitFile(fs, url, split, index, group_rows)
-            files[split].add(encode_ndarray(image), label, path, sha)
-            counts[(split, label)] = counts.get((split, label), 0) + 1
+                files[split] = _SplitFile(fs, url, split, index, group_rows, task, num_classes)
+            files[split].add(encode_ndarray(image), label, path, sha, patient, source)
+            counts[(split, label, source)] = counts.get((split, label, source), 0) + 1
         ok = True
     finally:
         for f in files.values():

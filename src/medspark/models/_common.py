@@ -3,7 +3,16 @@
 import numbers
 
 
-def check_args(input_shape, num_classes, min_size: int, model: str, size_hint: str = ""):
+def head(x, num_classes: int, multilabel: bool, **dense_kwargs):
+    """The output layer every model ends in: a softmax over the classes (one class per image), or for a multilabel
+    dataset one independent sigmoid per finding. float32 keeps both stable under a mixed-precision policy."""
+    import keras
+
+    return keras.layers.Dense(num_classes, activation="sigmoid" if multilabel else "softmax", dtype="float32",
+                              name="probs", **dense_kwargs)(x)
+
+
+def check_args(input_shape, num_classes, min_size: int, model: str, size_hint: str = "", multilabel: bool = False):
     """Validate; return ((H, W, C), num_classes) as plain ints (Hydra may pass a ListConfig, data code numpy ints)."""
     try:
         h, w, c = (int(v) for v in input_shape)
@@ -16,9 +25,10 @@ def check_args(input_shape, num_classes, min_size: int, model: str, size_hint: s
     if h < min_size or w < min_size:
         raise ValueError(f"{model}: input {h}x{w} is too small, this model needs at least {min_size}x{min_size} "
                          f"(its pooling stages would shrink it to nothing); raise preprocess.image_size{size_hint}")
-    if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral) or num_classes < 2:
-        raise ValueError(f"{model}: num_classes must be an integer >= 2, got {num_classes!r}; "
-                         "it is the number of labels in the dataset, which needs at least 2 classes")
+    least = 1 if multilabel else 2  # one finding is a multilabel set; one class is not a classifier
+    if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral) or num_classes < least:
+        raise ValueError(f"{model}: num_classes must be an integer >= {least}, got {num_classes!r}; "
+                         f"it is the number of labels in the dataset, which needs at least {least}")
     return (h, w, c), int(num_classes)
 
 

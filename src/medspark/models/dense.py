@@ -2,10 +2,11 @@
 
 import keras
 
-from medspark.models._common import check_args, check_rate, int_tuple
+from medspark.models._common import check_args, check_rate, head, int_tuple
 
 
 def build(input_shape: tuple[int, int, int], num_classes: int, name: str = "dense",
+          multilabel: bool = False,
           units: tuple[int, ...] = (256, 128), dropout: float = 0.3, pool: int = 4) -> keras.Model:
     """Rescaling(1/255) -> AveragePooling2D(pool) -> Flatten -> [Dense(relu) -> Dropout] per entry -> softmax.
 
@@ -19,7 +20,7 @@ def build(input_shape: tuple[int, int, int], num_classes: int, name: str = "dens
     pool = int(pool)
     if pool < 1:
         raise ValueError(f"model.pool must be an integer >= 1 (1 = no pooling), got {pool!r}")
-    shape, num_classes = check_args(input_shape, num_classes, pool, name, " or lower model.pool")
+    shape, num_classes = check_args(input_shape, num_classes, pool, name, " or lower model.pool", multilabel=multilabel)
 
     inputs = keras.Input(shape=shape, dtype="float32", name="image")
     x = keras.layers.Rescaling(1.0 / 255, name="rescale")(inputs)  # [0, 255] -> [0, 1]
@@ -29,6 +30,5 @@ def build(input_shape: tuple[int, int, int], num_classes: int, name: str = "dens
     for i, u in enumerate(units, 1):
         x = keras.layers.Dense(u, activation="relu", name=f"dense{i}")(x)
         x = keras.layers.Dropout(dropout, name=f"dropout{i}")(x)
-    # float32 output keeps softmax stable under a mixed-precision policy.
-    outputs = keras.layers.Dense(num_classes, activation="softmax", dtype="float32", name="probs")(x)
+    outputs = head(x, num_classes, multilabel)  # softmax, or one sigmoid per finding (multilabel)
     return keras.Model(inputs, outputs, name=name)

@@ -5,7 +5,7 @@ import os
 import keras
 import numpy as np
 
-from medspark.models._common import check_args, check_rate
+from medspark.models._common import check_args, check_rate, head
 
 # ImageNet channel means in BGR order: the "caffe" preprocessing the Keras ResNet-50 weights were trained with.
 IMAGENET_BGR_MEANS = (103.939, 116.779, 123.68)
@@ -65,6 +65,7 @@ def _base(input_shape: tuple[int, int, int], weights):
 
 
 def build(input_shape: tuple[int, int, int], num_classes: int, name: str = "resnet50",
+          multilabel: bool = False,
           weights: str | None = "imagenet", trainable_layers: int = 0, head_units: int = 128,
           dropout: float = 0.5, freeze_bn: bool = True) -> keras.Model:
     """[fixed 1x1 conv: gray/RGB -> BGR minus ImageNet means] -> ResNet-50 base (BN in inference mode) ->
@@ -80,7 +81,7 @@ def build(input_shape: tuple[int, int, int], num_classes: int, name: str = "resn
         even inside the unfrozen last N layers: small medical batches would wreck the pretrained statistics.
     """
     # ResNet-50 downsamples 32x; keras.applications refuses inputs under 32x32.
-    (h, w, c), num_classes = check_args(input_shape, num_classes, 32, name)
+    (h, w, c), num_classes = check_args(input_shape, num_classes, 32, name, multilabel=multilabel)
     weights = _weights_arg(weights)
     dropout = check_rate(dropout, "model.dropout")
     head_units = int(head_units)
@@ -114,6 +115,5 @@ def build(input_shape: tuple[int, int, int], num_classes: int, name: str = "resn
     x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
     x = keras.layers.Dense(head_units, activation="relu", name="head")(x)
     x = keras.layers.Dropout(dropout, name="dropout")(x)
-    # float32 output keeps softmax stable under a mixed-precision policy.
-    outputs = keras.layers.Dense(num_classes, activation="softmax", dtype="float32", name="probs")(x)
+    outputs = head(x, num_classes, multilabel)  # softmax, or one sigmoid per finding (multilabel)
     return keras.Model(inputs, outputs, name=name)

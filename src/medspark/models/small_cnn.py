@@ -2,10 +2,11 @@
 
 import keras
 
-from medspark.models._common import check_args, check_rate, int_tuple
+from medspark.models._common import check_args, check_rate, head, int_tuple
 
 
 def build(input_shape: tuple[int, int, int], num_classes: int, name: str = "small_cnn",
+          multilabel: bool = False,
           filters: tuple[int, ...] = (32, 64, 128, 256), dropout: float = 0.3, l2: float = 0.0,
           bn_momentum: float = 0.9) -> keras.Model:
     """Rescaling(1/255) -> per block [Conv2D 3x3 (no bias) -> BN -> ReLU -> MaxPool 2x2] -> GAP -> Dropout -> softmax.
@@ -23,7 +24,7 @@ def build(input_shape: tuple[int, int, int], num_classes: int, name: str = "smal
     if l2 < 0:
         raise ValueError(f"model.l2 must be >= 0, got {l2!r}")
     # Each block halves H and W, so the image must survive len(filters) poolings.
-    shape, num_classes = check_args(input_shape, num_classes, 2 ** len(filters), name)
+    shape, num_classes = check_args(input_shape, num_classes, 2 ** len(filters), name, multilabel=multilabel)
     reg = keras.regularizers.L2(l2) if l2 > 0 else None
 
     inputs = keras.Input(shape=shape, dtype="float32", name="image")
@@ -36,7 +37,5 @@ def build(input_shape: tuple[int, int, int], num_classes: int, name: str = "smal
         x = keras.layers.MaxPooling2D(2, name=f"pool{i}")(x)
     x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
     x = keras.layers.Dropout(dropout, name="dropout")(x)
-    # float32 output keeps softmax stable under a mixed-precision policy.
-    outputs = keras.layers.Dense(num_classes, activation="softmax", kernel_regularizer=reg, dtype="float32",
-                                 name="probs")(x)
+    outputs = head(x, num_classes, multilabel, kernel_regularizer=reg)  # softmax, or sigmoids (multilabel)
     return keras.Model(inputs, outputs, name=name)

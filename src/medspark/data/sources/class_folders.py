@@ -1,20 +1,32 @@
-"""Class folders, root/<class>/<images> (image_folder, brain_mri_binary): the source the other folder sources extend."""
+"""Class folders, root/<class>/<images> (image_folder, brain_mri_binary): the source the other folder sources extend.
+
+`patient_pattern` (all folder sources): a regular expression searched in each file name; its group 1 (or the whole
+match) is the patient id, kept only as `phi.pseudonym` (chest X-rays: `person1000_bacteria_2931.jpeg` -> person1000).
+A name that does not match has no known patient (counted and logged once); splits then group by content alone.
+"""
 from __future__ import annotations
 
+import dataclasses
+import logging
 import os
+import re
 from pathlib import Path
 
 from ..names import to_text
+from ..phi import pseudonym
 from ..preprocess import is_system_file
 from . import NOT_CLASSES, DatasetError, Listing, Record, check_root, files_under, log_ignored, not_inputs, walk
+
+log = logging.getLogger(__name__)
 
 
 class ClassFolders:
     """Every subfolder of root is a class unless `classes` names them; the test split is carved out later."""
     has_test_split = False
 
-    def __init__(self, root, classes: list[str] | None = None):
+    def __init__(self, root, classes: list[str] | None = None, patient_pattern: str | None = None):
         self.root, self.classes = root, list(classes) if classes else None
+        self.patient_pattern = patient_regex(patient_pattern)
 
     def folders(self, root: Path, ignored: list[tuple[str, str]]) -> dict[str, Path]:
         """Split name -> the folder holding its <class>/ subfolders ("train": split later); what else is under
@@ -31,7 +43,37 @@ class ClassFolders:
         for split, folder in folders.items():
             records += read_classes(folder, classes, split, ignored)
         log_ignored(ignored, root)
-        return Listing(records, classes, "test" in folders, ignored)
+        return Listing(with_patients(records, self.patient_pattern), classes, "test" in folders, ignored)
+
+
+def patient_regex(pattern: str | None, key: str = "dataset.patient_pattern") -> re.Pattern | None:
+    """The compiled `patient_pattern`, or a one-line error naming the key."""
+    if pattern is None or str(pattern) == "":
+        return None
+    try:
+        return re.compile(str(pattern))
+    except re.error as e:
+        raise DatasetError(f"{key}={pattern!r} is not a valid regular expression ({e}); fix it, or set it to null "
+                           f"to split by image") from None
+
+
+def with_patients(records: list[Record], pattern: re.Pattern | None, key: str = "dataset.patient_pattern"):
+    """The records with `patient` set from their file names (pseudonyms only); names that do not match keep None."""
+    if pattern is None:
+        return records
+    out, unmatched = [], 0
+    for r in records:
+        if is_system_file(r.path):  # .DS_Store and the like: rejected later, nobody's image
+            out.append(r)
+            continue
+        m = pattern.search(os.path.basename(r.path))
+        patient = m and m.group(1 if pattern.groups else 0)
+        unmatched += not patient
+        out.append(dataclasses.replace(r, patient=pseudonym(patient)) if patient else r)
+    if unmatched:
+        log.warning("%d of %d file name(s) do not match %s: no patient known for them (each is split as its own "
+                    "patient)", unmatched, len(records), key)
+    return out
 
 
 def class_dirs(root: Path, classes, key: str) -> list[str]:

@@ -11,8 +11,9 @@ class SplitFolders(ClassFolders):
     """Class folders inside a training folder and, when `split_dirs.test` names one that exists, a test folder
     whose images form the test split (validation is carved from training). Anything else under root is ignored."""
 
-    def __init__(self, root, classes: list[str] | None = None, split_dirs: dict | None = None):
-        super().__init__(root, classes)
+    def __init__(self, root, classes: list[str] | None = None, split_dirs: dict | None = None,
+                 patient_pattern: str | None = None):
+        super().__init__(root, classes, patient_pattern)
         self.split_dirs = dict(split_dirs or {})
 
     @property

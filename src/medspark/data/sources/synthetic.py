@@ -11,8 +11,8 @@ class Synthetic(ClassFolders):
     """`generate` (per_class, size, seed) are medspark.data.synthetic.generate's arguments; root is where the set
     is written (conf/dataset/synthetic.yaml keys it by them, so each parameter set has its own folder)."""
 
-    def __init__(self, root, generate: dict, classes: list[str] | None = None):
-        super().__init__(root, classes)
+    def __init__(self, root, generate: dict, classes: list[str] | None = None, patient_pattern: str | None = None):
+        super().__init__(root, classes, patient_pattern)
         self.generate = generate
 
     def list(self):
