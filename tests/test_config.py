@@ -21,7 +21,8 @@ from conftest import REPO, SHARED, make_cfg
 GROUPS = {g: sorted(p.stem for p in (Path(config_dir()) / g).glob("*.yaml"))
           for g in ("dataset", "model", "backend", "cluster", "experiment")}
 REAL_ROOTS = {"brain_mri": "brain-tumor-mri", "brain_mri_binary": "brain-mri-yes-no",
-              "chest_xray": "chest-xray-pneumonia", "image_folder": "brain-mri-yes-no"}
+              "chest_xray": "chest-xray-pneumonia", "image_folder": "brain-mri-yes-no", "chest_xray14": "chest-xray14"}
+SMALL = {"synthetic": ["dataset.generate.per_class=3"], "synthetic_cxr14": ["dataset.generate.patients=40"]}
 
 
 def test_groups_hold_the_promised_options():
@@ -33,7 +34,7 @@ def test_groups_hold_the_promised_options():
 
 @pytest.mark.parametrize("name", GROUPS["dataset"])
 def test_every_dataset_option_lists_images(tmp_path, name):
-    overrides = [f"dataset={name}", "dataset.generate.per_class=3"] if name == "synthetic" else [f"dataset={name}"]
+    overrides = [f"dataset={name}", *SMALL.get(name, [])]
     if name in REAL_ROOTS:
         root = SHARED / REAL_ROOTS[name]
         if not root.is_dir():
@@ -47,8 +48,9 @@ def test_every_dataset_option_lists_images(tmp_path, name):
 
 @pytest.mark.parametrize("name", GROUPS["dataset"])
 def test_every_dataset_option_names_its_source(tmp_path, name):
-    cfg = make_cfg(tmp_path, [f"dataset={name}"] + ([] if name == "synthetic" else ["dataset.root=/data"]))
-    assert has_test_split(cfg.dataset) == (name in ("brain_mri", "chest_xray"))  # what check() asks the source
+    cfg = make_cfg(tmp_path, [f"dataset={name}"] + ([] if name in SMALL else ["dataset.root=/data"]))
+    own_test = ("brain_mri", "chest_xray", "chest_xray14", "synthetic_cxr14")  # their own test folder or test list
+    assert has_test_split(cfg.dataset) == (name in own_test)  # what check() asks the source
 
 
 @pytest.mark.parametrize("name", GROUPS["model"])

@@ -16,8 +16,9 @@ import os
 import re
 import shutil
 import tempfile
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from PIL import Image
@@ -287,6 +288,14 @@ def generate(root: str | os.PathLike, per_class: int, size: int = 128, seed: int
         return root
     if target.exists():
         _check_replaceable(target)
+    publish(target, params, partial(_write, per_class=per_class, size=size, seed=seed, workers=workers), _is_complete)
+    return root
+
+
+def publish(target: Path, params: dict, write: Callable[[Path], None], is_complete: Callable[[Path, dict], bool]):
+    """Build a generated set in a temporary folder beside target (`write(folder)`), write MARKER (params) last and
+    rename it into place, replacing what target held (the caller has checked it holds only an older generated set):
+    an interrupted run never leaves a set that looks complete; two processes generating the same set both succeed."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     umask = os.umask(0)
@@ -294,7 +303,7 @@ def generate(root: str | os.PathLike, per_class: int, size: int = 128, seed: int
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private (0700): executors running as another user read it
     old = None
     try:
-        _write(tmp, per_class, size, seed, workers)
+        write(tmp)
         (tmp / MARKER).write_text(json.dumps(params, indent=1) + "\n")
         if target.exists() and any(target.iterdir()):
             old = tmp.with_suffix(".old")
@@ -302,10 +311,9 @@ def generate(root: str | os.PathLike, per_class: int, size: int = 128, seed: int
         try:
             os.replace(tmp, target)  # atomic; replaces an empty directory
         except OSError:
-            if not _is_complete(target, params):  # not a concurrent generate() that finished first
+            if not is_complete(target, params):  # not a concurrent generate() that finished first
                 raise
     finally:
         for leftover in (tmp, old):
             if leftover is not None and leftover.exists():
                 shutil.rmtree(leftover, ignore_errors=True)
-    return root

@@ -5,8 +5,9 @@ folder and the runs) and whose `list() -> Listing` gives paths, labels and prede
 `has_test_split` (default False) says whether the dataset can bring its own test split, for the config check
 before listing (the listing says whether it did). A new source is one module here (or anywhere importable) plus
 one conf/dataset/<name>.yaml naming its class in `_target_`.
-Built in: class_folders (root/<class>/<images>), split_folders (root/<split>/<class>/<images>) and synthetic
-(the built-in phantoms, generated, then read as class folders).
+Built in: class_folders (root/<class>/<images>), split_folders (root/<split>/<class>/<images>), label_csv (a label
+CSV and its image folders: NIH ChestX-ray14, any `image,label` table) and synthetic (the built-in phantoms,
+generated, then read as class folders; and the chest X-ray phantoms, generated in the NIH layout, read as a label CSV).
 
 Every file under the root is accounted for: it is either an input (`Listing.records`: inside a class folder,
 decodable or not; preprocessing accepts or rejects it with a reason) or `Listing.ignored` with the reason it is
