@@ -682,4 +682,7 @@ def evaluate_split(model, data, out_dir, history=None) -> tuple[dict[str, float]
     mlflow.log_metrics(metrics)
     for f in files:
         mlflow.log_artifact(str(f), "evaluation")
+    from .evaluate_sources import log_source_metrics  # test metrics per source of a merged dataset
+
+    metrics.update(log_source_metrics(data, y, p))
     return metrics, thresholds
