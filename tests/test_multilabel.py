@@ -13,9 +13,9 @@ import pytest
 from conftest import make_cfg
 from medspark.data import targets
 
-# ~260 patients, ~600 images at 64 px: the findings stay visible (nodules are a few pixels) and an epoch of
+# ~400 patients, ~900 images at 64 px: the findings stay visible (nodules are a few pixels) and an epoch of
 # small_cnn with 16-32-64 filters takes seconds on 2 cores.
-SMALL = ["dataset=synthetic_cxr14", "dataset.generate.patients=260", "preprocess.image_size=64",
+SMALL = ["dataset=synthetic_cxr14", "dataset.generate.patients=400", "preprocess.image_size=64",
          "model.filters=[16,32,64]", "train.batch_size=16", "train.verbose=0", "train.class_weight=balanced"]
 
 
@@ -29,7 +29,7 @@ def single_run(store, spark):
     """One full `medspark` run (backend=single): data stage, training, evaluation, models, registry."""
     from medspark.train import train
 
-    cfg = make_cfg(store, [*SMALL, "train.epochs=10"])
+    cfg = make_cfg(store, [*SMALL, "train.epochs=12"])
     objective = train(cfg, overrides=["dataset=synthetic_cxr14"], spark=spark)
     run = mlflow.search_runs(experiment_names=["medspark-synthetic_cxr14"], output_format="list",
                              order_by=["attributes.start_time DESC"])[0]
@@ -74,7 +74,7 @@ def test_full_run_learns_every_finding_and_logs_multilabel_evidence(single_run, 
 
     classifier = mlflow.pyfunc.load_model(summary["classifier_uri"])
     out = classifier.predict(pd.DataFrame({"image": [png_bytes(im) for im in images]}))
-    probs = out[[c for c in out.columns if c.startswith("prob_")]].to_numpy()
+    probs = out[[c for c in out.columns if c.startswith("prob_")]].to_numpy(dtype=float)
     np.testing.assert_allclose(probs, keras_probs, atol=2e-3)  # PNG round trip of the same pixels
     assert all(set(f.split("|")) <= set(data.classes) | {"No Finding"} for f in out["findings"])
 
