@@ -51,6 +51,8 @@ def main(argv=None):
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--epochs", type=int, default=15)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--filters", type=int, nargs="+", default=[32, 64, 128, 256], help="small_cnn's model.filters")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=None, help="folder for synthetic_cxr_learnability.json (default: print only)")
     args = ap.parse_args(argv)
@@ -69,7 +71,7 @@ def main(argv=None):
     data_s = time.perf_counter() - t0
     k = len(listing.classes)
     keras.utils.set_random_seed(args.seed)
-    base = small_cnn.build((args.size, args.size, 1), k)
+    base = small_cnn.build((args.size, args.size, 1), k, filters=tuple(args.filters))
     head = keras.layers.Dense(k, activation="sigmoid", dtype="float32", name="findings")(
         base.get_layer("dropout").output)  # medspark's multilabel head: one sigmoid per finding
     model = keras.Model(base.input, head)
@@ -77,7 +79,7 @@ def main(argv=None):
     part = {s: split == s for s in ("train", "val", "test")}
     flip = keras.Sequential([keras.layers.RandomFlip("horizontal", seed=args.seed)])
     train = tf.data.Dataset.from_tensor_slices((x[part["train"]].astype("float32"), y[part["train"]]))
-    train = train.shuffle(4096, seed=args.seed).batch(32).map(lambda a, b: (flip(a, training=True), b))
+    train = train.shuffle(4096, seed=args.seed).batch(args.batch_size).map(lambda a, b: (flip(a, training=True), b))
     t1 = time.perf_counter()
     hist = model.fit(train, validation_data=(x[part["val"]].astype("float32"), y[part["val"]]), epochs=args.epochs,
                      verbose=2)  # a fixed number of epochs: the validation split is too small to stop on
@@ -88,6 +90,7 @@ def main(argv=None):
     result = {
         "command": "python benchmarks/synthetic_cxr_learnability.py " + " ".join(argv or sys.argv[1:]),
         "patients": args.patients, "images": int(len(x)), "size": args.size, "seed": args.seed,
+        "filters": args.filters, "batch_size": args.batch_size,
         "sizes": {s: int(m.sum()) for s, m in part.items()},
         "test_positives": {c: int(yt[:, i].sum()) for i, c in enumerate(listing.classes)},
         "no_finding_share": round(float((y.sum(1) == 0).mean()), 3),

@@ -13,10 +13,11 @@ import pytest
 from conftest import make_cfg
 from medspark.data import targets
 
-# ~400 patients, ~900 images at 64 px: the findings stay visible (nodules are a few pixels) and an epoch of
-# small_cnn with 16-32-64 filters takes seconds on 2 cores.
-SMALL = ["dataset=synthetic_cxr14", "dataset.generate.patients=400", "preprocess.image_size=64",
-         "model.filters=[16,32,64]", "train.batch_size=16", "train.verbose=0", "train.class_weight=balanced"]
+# ~260 patients, ~600 images at 64 px: the findings stay visible (nodules are a few pixels) and an epoch of
+# small_cnn with 16-32-64-128 filters takes seconds on 2 cores (four blocks: a receptive field that spans the
+# thorax, which Cardiomegaly, the heart's width against the chest's, needs; three blocks reach ~0.8 mean AUC).
+SMALL = ["dataset=synthetic_cxr14", "dataset.generate.patients=260", "preprocess.image_size=64",
+         "model.filters=[16,32,64,128]", "train.batch_size=16", "train.verbose=0", "train.class_weight=balanced"]
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +30,7 @@ def single_run(store, spark):
     """One full `medspark` run (backend=single): data stage, training, evaluation, models, registry."""
     from medspark.train import train
 
-    cfg = make_cfg(store, [*SMALL, "train.epochs=12"])
+    cfg = make_cfg(store, [*SMALL, "train.epochs=10"])
     objective = train(cfg, overrides=["dataset=synthetic_cxr14"], spark=spark)
     run = mlflow.search_runs(experiment_names=["medspark-synthetic_cxr14"], output_format="list",
                              order_by=["attributes.start_time DESC"])[0]
@@ -52,7 +53,7 @@ def test_full_run_learns_every_finding_and_logs_multilabel_evidence(single_run, 
     m, params, tags = run.data.metrics, run.data.params, run.data.tags
     assert run.info.status == "FINISHED" and params["task"] == "multilabel"
     assert tags["medspark.objective"] == "test_mean_auc" and objective == pytest.approx(m["test_mean_auc"])
-    assert m["test_mean_auc"] >= 0.8, m["test_mean_auc"]
+    assert m["test_mean_auc"] >= 0.85, m["test_mean_auc"]
     for key in ("test_mean_ap", "test_micro_auc", "test_hamming_loss", "test_subset_accuracy",
                 "test_label_cardinality"):
         assert key in m, key
@@ -74,7 +75,7 @@ def test_full_run_learns_every_finding_and_logs_multilabel_evidence(single_run, 
 
     classifier = mlflow.pyfunc.load_model(summary["classifier_uri"])
     out = classifier.predict(pd.DataFrame({"image": [png_bytes(im) for im in images]}))
-    probs = out[[c for c in out.columns if c.startswith("prob_")]].to_numpy(dtype=float)
+    probs = out[[c for c in out.columns if c.startswith("prob_")]].to_numpy()
     np.testing.assert_allclose(probs, keras_probs, atol=2e-3)  # PNG round trip of the same pixels
     assert all(set(f.split("|")) <= set(data.classes) | {"No Finding"} for f in out["findings"])
 
@@ -90,7 +91,10 @@ def test_every_backend_trains_multilabel_without_code_of_its_own(store, spark, d
     from medspark.data.loader import read_arrays
     from medspark.evaluate import multilabel_metrics
 
-    cfg = make_cfg(store, [*SMALL, f"backend={backend}", "train.epochs=4"])
+    # mirrored: one replica, because TensorFlow already started in this process (its 2-replica run on logical CPUs
+    # needs a fresh process: tests/test_backends.py runs it so); the strategy scope, loss and metrics are the same.
+    extra = ["backend.cpu_replicas=1"] if backend == "mirrored" else []
+    cfg = make_cfg(store, [*SMALL, f"backend={backend}", "train.epochs=4", *extra])
     result = backends.build(cfg.backend).fit(TrainJob.from_config(cfg, data, spark=spark))
     assert {"val_loss", "val_auc"} <= set(result.history), result.history.keys()  # the compiled multilabel metrics
     images, y = read_arrays(data.split_url("test"), multilabel=True)

@@ -34,7 +34,7 @@ from .synthetic import MARKER, PNG_COMPRESS_LEVEL, _check_int, _grid, _soft, pub
 
 FINDINGS = ("Atelectasis", "Cardiomegaly", "Effusion", "Mass", "Nodule", "Pneumothorax")  # NIH's names and order
 NEGATIVE = "No Finding"
-GENERATOR_VERSION = 1  # bump when the pixels, the CSV or the splits change: older sets are regenerated
+GENERATOR_VERSION = 2  # bump when the pixels, the CSV or the splits change: older sets are regenerated
 MIN_SIZE = 48  # below this a nodule is under a pixel
 CSV_NAME = "Data_Entry_2017.csv"
 LISTS = {"train": "train_val_list.txt", "test": "test_list.txt"}
@@ -83,10 +83,10 @@ def anatomy(rng: np.random.Generator) -> dict:
     u = lambda lo, hi: float(rng.uniform(lo, hi))  # noqa: E731
     waves = rng.normal(0, 1, (14, 2)) * u(9, 12)  # vessel pattern: plane waves of ~1.5-2 cycles per lung width
     return {"cx": u(-0.04, 0.04), "w": u(0.76, 0.88), "top": u(-0.74, -0.62), "dia": u(0.42, 0.56),
-            "medial": u(0.08, 0.12), "dome": u(0.07, 0.12), "ctr": u(0.40, 0.47), "heart_h": u(0.22, 0.28),
+            "medial": u(0.08, 0.12), "dome": u(0.07, 0.12), "ctr": u(0.38, 0.45), "heart_h": u(0.22, 0.28),
             "med_w": u(0.1, 0.13), "body": u(0.44, 0.52), "lung": u(0.13, 0.19), "rib_gap": u(0.12, 0.15),
             "rib_phase": u(0, 1), "waves": waves, "phases": rng.uniform(0, 2 * np.pi, 14),
-            "enlarged": u(0.14, 0.2)}
+            "enlarged": u(0.2, 0.26)}
 
 
 def plan(patients: int, seed: int) -> list[Exam]:
@@ -137,13 +137,13 @@ def radiograph(body: dict, findings, rng: np.random.Generator, size: int) -> np.
     side = {f: (-1.0, 1.0)[int(rng.integers(2))] for f in FINDINGS}  # -1: the image's left (patient's right)
     both_effusions = rng.random() < 0.35
     eff_height, eff_meniscus = u(0.1, 0.22), u(0.15, 0.25)
-    atel_rise, atel_x, atel_y, atel_tilt, atel_len, atel_th = (u(0.05, 0.09), u(-0.25, 0.25), u(0.1, 0.3),
-                                                               u(-0.3, 0.3), u(0.5, 0.75), u(0.035, 0.05))
-    mass_at, mass_r, mass_level = (u(-0.45, 0.45), u(0.25, 0.7)), u(0.11, 0.16), u(0.3, 0.4)
+    atel_rise, atel_x, atel_y, atel_tilt, atel_len, atel_th = (u(0.07, 0.12), u(-0.25, 0.25), u(0.1, 0.3),
+                                                               u(-0.3, 0.3), u(0.5, 0.75), u(0.045, 0.06))
+    mass_at, mass_r, mass_level = (u(-0.4, 0.4), u(0.3, 0.65)), u(0.14, 0.19), u(0.35, 0.45)
     n_nodules = int(rng.integers(2, 6))
     nodules = [(u(-0.6, 0.6), u(0.15, 0.8), u(0.045, 0.06), u(0.3, 0.4), (-1.0, 1.0)[int(rng.integers(2))])
                for _ in range(5)][:n_nodules]
-    collapse = u(0.25, 0.4)
+    collapse = u(0.3, 0.45)
     show = set(findings)
 
     gx, gy = _grid(size)
@@ -193,13 +193,13 @@ def radiograph(body: dict, findings, rng: np.random.Generator, size: int) -> np.
             rim = air * (1 - inner)
             pleura = air * np.exp(-(((rc - 1) * min(la, lb) * half) ** 2))
             marks = marks * inner * 1.3
-            dense = dense - 0.06 * rim + 0.1 * pleura
+            dense = dense - 0.09 * rim + 0.12 * pleura
         if "Atelectasis" in show and side["Atelectasis"] == s:
             ax, ay = lx + atel_x * la, dia - b["dome"] - atel_y
             t = np.cos(atel_tilt) * (x - ax) + np.sin(atel_tilt) * (y - ay)
             n = -np.sin(atel_tilt) * (x - ax) + np.cos(atel_tilt) * (y - ay)
             plate = _soft((np.abs(n) - atel_th) * half, 1.0) * _soft((np.abs(t) - atel_len * la) * half, 1.5)
-            dense = dense + 0.28 * plate * lung
+            dense = dense + 0.32 * plate * lung
         if "Mass" in show and side["Mass"] == s:
             mx, my = lx + mass_at[0] * la, top + mass_at[1] * (dia - top)
             dense = dense + mass_level * _soft((np.hypot(x - mx, y - my) - mass_r) * half, 1.2) * lung

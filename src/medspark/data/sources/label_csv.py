@@ -9,7 +9,7 @@ Accounting: a CSV row is a record, or `Listing.rejected` as ("<csv name>:row N",
 header, as a spreadsheet numbers rows): its image is missing or in two image folders, its label is empty or unknown,
 its image is listed again (a copy with the same labels is dropped, copies that disagree are all rejected), it is in
 neither split list. A file under the root that no row names is `Listing.ignored` with the reason; the CSV and the
-split lists themselves are read, not listed. Reading streams the CSV (112k rows list in about a second).
+split lists themselves are read, not listed. The CSV is streamed: NIH's 112k rows and files list in 1.5-5 s.
 """
 from __future__ import annotations
 
