@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: venv java train test test-fast benchmark lock clean ui
+.PHONY: venv java train demo-cxr test test-fast benchmark lock clean ui
 
 venv: $(STAMP) java
 
@@ -27,6 +27,10 @@ java: $(STAMP)
 
 train: venv
 	$(BIN)/medspark $(ARGS)
+
+# Multi-label chest X-ray phantoms in NIH's layout (label CSV, patients, 6 findings): mean test AUC ~0.95+
+demo-cxr: venv
+	$(BIN)/medspark experiment=cxr14_small_cnn $(ARGS)
 
 test: venv
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
