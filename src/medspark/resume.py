@@ -2,8 +2,8 @@
 
 Checkpoints. Backends that train with Keras `model.fit` (`single`, `mirrored`, `spark_barrier`:
 `supports_resume = True`) back up the model, the optimizer and the epoch at the end of every epoch (`Checkpoint`
-below, a Keras BackupAndRestore) to `<paths.checkpoint_url>/<key>/` (default `<paths.data_url>/_checkpoints/<key>`: on the data's
-filesystem, so any machine that reads the data can resume). The key is `<dataset>-<backend>-<hash>` of
+below, a Keras BackupAndRestore) to `<paths.checkpoint_url>/<key>/` (default `<paths.data_url>/_checkpoints/<key>`:
+on the data's filesystem, so any machine that reads the data can resume). The key is `<dataset>-<backend>-<hash>` of
 everything that shapes the training: the data fingerprint, `model`, `backend`, `train` (but resume, verbose,
 objective, measure_baseline) and `seed`; a run with other settings never picks up another's checkpoint. A fresh
 run (train.resume=false) discards a checkpoint left under its key and writes its own; with train.resume=true it
@@ -60,8 +60,8 @@ def check(cfg, backend=None) -> None:
     resumable = backend.supports_resume if backend is not None else supports(cfg.backend)
     if cfg.train.get("resume") and not resumable:
         raise ConfigError(f"train.resume=true but backend={cfg.backend.name} trains on Spark executors and keeps no "
-                          "checkpoints to resume from (backends that can: single, mirrored, spark_barrier); drop train.resume or "
-                          "use one of those")
+                          "checkpoints to resume from (backends that can: single, mirrored, spark_barrier); drop "
+                          "train.resume or use one of those")
 
 
 def checkpoint_key(cfg, fingerprint: str) -> str:

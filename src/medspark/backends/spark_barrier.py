@@ -190,8 +190,9 @@ class SparkBarrier:
                     more = (f" (an executor was lost in each of {attempt} attempts: "
                             f"backend.executor_loss_retries={self.retries})") if lost else ""
                     raise BarrierTrainingError(explain(e) + more) from e
-                log.warning("%s: attempt %d lost an executor (%s); running the barrier stage again, resuming from "
-                            "the checkpoint (%d epoch(s) completed)", NAME, attempt, lost, completed_epochs(ckpt))
+                log.warning("%s: attempt %d lost an executor (%s); running the barrier stage again, %s", NAME, attempt,
+                            lost, f"resuming from the checkpoint ({completed_epochs(ckpt)} epoch(s) completed)" if ckpt
+                            else "from the first epoch (paths.checkpoint_url=null)")
         stage_seconds = time.perf_counter() - start
         if len(out) != 1:
             raise BarrierTrainingError(f"backend={NAME}: expected the chief's result, got {len(out)} results")
