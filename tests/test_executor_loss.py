@@ -12,18 +12,19 @@ and a later successful attempt of each. The driver is a subprocess (`python -m m
 so a hang fails the test. Spark's defaults do the rest: a task lost with a lost worker does not even count
 towards spark.task.maxFailures, cached partitions and shuffle outputs of the dead executor are recomputed.
 
-What executor loss does to each backend (tested: data, elephas_sync, elephas_async; the rest from Spark's rules):
+What executor loss does to each backend (tested: data, elephas_sync, elephas_async, spark_barrier, ensemble; the
+rest from Spark's rules):
 - preprocess/materialize: the lost tasks run again elsewhere; every file is in the Petastorm data exactly once.
 - single, mirrored: train in the driver; executors only build the data (above). Not affected afterwards.
 - elephas_sync: the epoch's lost task trains again from the same broadcast weights; each partition's update is
   averaged once, as without the loss. The run finishes, that epoch is slower.
 - elephas_async/hogwild: the lost task runs again from the server's current weights; updates the lost attempt
   had pushed stay applied (that partition counts more than once) and `ps_updates` counts successful attempts only.
-- spark_barrier (not tested): a barrier stage is all or nothing: Spark kills the other workers and restarts the
-  whole stage (training from epoch 0), up to spark.stage.maxConsecutiveAttempts (4). Its tasks start only all
-  at once: with fewer free slots than `backend.workers` left, the retry waits until the cluster has them again
-  (Spark checks the slots when the job is submitted, not on retries; no timeout).
-- ensemble (not tested): the lost member's task trains that member again, on the same seeded bootstrap sample.
+- spark_barrier: a barrier stage is all or nothing, and Spark aborts a failed barrier result stage instead of
+  retrying it; the backend runs it again itself (backend.executor_loss_retries) once backend.workers slots are
+  free, and every worker resumes from the chief's checkpoint of the last completed epoch. With fewer slots than
+  workers for backend.slots_timeout_s, the run fails in one line; train.resume=true continues it later.
+- ensemble: the lost member's task trains that member again, on the same seeded bootstrap sample.
 """
 from __future__ import annotations
 
@@ -77,12 +78,14 @@ def two_workers(cluster):
 
 
 class Driver:
-    """One medspark command against the cluster, as a subprocess, with its Spark application's REST API."""
+    """One medspark command against the cluster, as a subprocess, with its Spark application's REST API. Drivers
+    in one tmp_path share its MLflow store; `name` keeps their outputs apart."""
 
-    def __init__(self, tmp_path: Path, module: str, *overrides: str, master: str, work: Path | None = None):
-        self.ui, self.tmp = _free_port(), tmp_path
-        self.out, self.err = open(tmp_path / "stdout.txt", "w+"), open(tmp_path / "stderr.txt", "w+")
-        self.uri, self.events = f"sqlite:///{tmp_path}/mlruns.db", tmp_path / "events"
+    def __init__(self, tmp_path: Path, module: str, *overrides: str, master: str, work: Path | None = None,
+                 name: str = ""):
+        self.ui, self.tmp, self.name = _free_port(), tmp_path, name
+        self.out, self.err = open(tmp_path / f"stdout{name}.txt", "w+"), open(tmp_path / f"stderr{name}.txt", "w+")
+        self.uri, self.events = f"sqlite:///{tmp_path}/mlruns.db", tmp_path / f"events{name}"
         self.events.mkdir()
         env = dict(os.environ, SPARK_LOCAL_IP="127.0.0.1")  # the driver's UI binds loopback too
         self.proc = subprocess.Popen(
@@ -129,28 +132,36 @@ class Driver:
     def output(self) -> str:
         self.out.flush()
         self.err.flush()
-        return (self.tmp / "stdout.txt").read_text(errors="replace") + (self.tmp / "stderr.txt").read_text(
-            errors="replace")
+        return (self.tmp / f"stdout{self.name}.txt").read_text(errors="replace") + \
+            (self.tmp / f"stderr{self.name}.txt").read_text(errors="replace")
 
     def tail(self, chars: int = 6000) -> str:
         self.err.flush()
-        return (self.tmp / "stderr.txt").read_text(errors="replace")[-chars:]
+        return (self.tmp / f"stderr{self.name}.txt").read_text(errors="replace")[-chars:]
 
-    def rerun_tasks(self, executor: str) -> list[dict]:
-        """From Spark's event log: the tasks lost with `executor` ({job, stage, index}), each with whether an
-        attempt of the same (stage, partition) succeeded afterwards, and whether every job succeeded."""
+    def event_log(self) -> list[dict]:
         [log] = glob.glob(f"{self.events}/*")
-        events = [json.loads(line) for line in Path(log).read_text().splitlines() if line.strip()]
-        job_of, jobs_ok = {}, []
-        for e in events:
+        return [json.loads(line) for line in Path(log).read_text().splitlines() if line.strip()]
+
+    def jobs(self) -> list[dict]:
+        """From Spark's event log, in order: every job ({id, desc: its description and stage names, ok})."""
+        jobs = {}
+        for e in self.event_log():
             if e["Event"] == "SparkListenerJobStart":
                 desc = (e.get("Properties") or {}).get("spark.job.description") or ""
                 names = " ".join(st.get("Stage Name", "") for st in e.get("Stage Infos", []))
-                job_of.update({s: f"{e['Job ID']}: {desc} [{names}]" for s in e["Stage IDs"]})
+                jobs[e["Job ID"]] = {"id": e["Job ID"], "desc": f"{e['Job ID']}: {desc} [{names}]",
+                                     "stages": e["Stage IDs"], "ok": None}
             elif e["Event"] == "SparkListenerJobEnd":
-                jobs_ok.append(e["Job Result"]["Result"] == "JobSucceeded")
+                jobs[e["Job ID"]]["ok"] = e["Job Result"]["Result"] == "JobSucceeded"
+        return list(jobs.values())
+
+    def lost_tasks(self, executor: str) -> list[dict]:
+        """From Spark's event log: the tasks lost with `executor` ({job, stage, index}), each with whether an
+        attempt of the same (stage, partition) succeeded afterwards."""
+        job_of = {s: j["desc"] for j in self.jobs() for s in j["stages"]}
         lost, done = [], set()
-        for e in events:
+        for e in self.event_log():
             if e["Event"] != "SparkListenerTaskEnd":
                 continue
             info = e["Task Info"]
@@ -160,8 +171,20 @@ class Driver:
                 lost.append({"job": job_of.get(e["Stage ID"]), "stage": key[0], "index": key[1]})
             elif reason["Reason"] == "Success":
                 done.add(key)
-        assert jobs_ok and all(jobs_ok), f"a Spark job failed: {jobs_ok}"
         return [t | {"rerun_ok": (t["stage"], t["index"]) in done} for t in lost]
+
+    def rerun_tasks(self, executor: str) -> list[dict]:
+        """The tasks lost with `executor`, after checking that every job succeeded (Spark retried the tasks)."""
+        jobs_ok = [j["ok"] for j in self.jobs()]
+        assert jobs_ok and all(jobs_ok), f"a Spark job failed: {jobs_ok}"
+        return self.lost_tasks(executor)
+
+    def run(self):
+        """This driver's MLflow run (the one its process started: tag medspark.process = host:pid:start)."""
+        mlflow.set_tracking_uri(self.uri)
+        [run] = [r for r in mlflow.search_runs(experiment_names=["medspark-synthetic"], output_format="list")
+                 if r.data.tags.get("medspark.process", "").split(":")[1:2] == [str(self.proc.pid)]]
+        return run
 
 
 def lose_a_machine_during(cluster: StandaloneCluster, driver: Driver, words: tuple[str, ...],
@@ -288,3 +311,130 @@ def test_elephas_async_training_finishes_after_a_lost_machine(two_workers, tmp_p
     assert run.info.status == "FINISHED"
     assert run.data.metrics["ps_updates"] == 2 * epochs, "successful attempts only"
     assert applied >= 2 * epochs, f"the server applied {applied} updates"  # more when the lost attempt had pushed
+
+
+def checkpoint_epochs(work: Path) -> int:
+    """Epochs completed in the spark_barrier checkpoints under <data_url>/_checkpoints (0 while there is none)."""
+    states = list((work / "petastorm" / "_checkpoints").glob("*/medspark.json"))
+    return max((json.loads(s.read_text()).get("epochs_completed", 0) for s in states), default=0)
+
+
+def load_and_predict(run) -> "np.ndarray":
+    """The run's registered model, loaded back from MLflow, on two blank images: class probabilities."""
+    import numpy as np
+
+    summary = json.loads(mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/summary.json"))
+    model = mlflow.tensorflow.load_model(summary["model_uri"])
+    return np.asarray(model.predict(np.zeros((2, 64, 64, 1), np.float32), verbose=0))
+
+
+def running_for(seconds: float):
+    """A `ready` condition for lose_a_machine_during (asked only while the job runs): true `seconds` after it
+    was first asked."""
+    first: list[float] = []
+
+    def ready() -> bool:
+        first[:] = first or [time.monotonic()]
+        return time.monotonic() - first[0] >= seconds
+
+    return ready
+
+
+BARRIER = ("spark_barrier training",)  # its job description (each attempt's)
+
+
+def test_spark_barrier_resumes_from_its_last_completed_epoch_after_a_lost_machine(two_workers, tmp_path, train_work):
+    """Barrier tasks start and fail together: Spark aborts the barrier job when one is lost with its machine.
+    The backend runs the barrier stage again once `backend.workers` slots are free (here: a replacement machine
+    joins), and every worker restores the chief's checkpoint of the last completed epoch: the history goes on,
+    no completed epoch is trained again, the model learns and loads."""
+    epochs = 5
+    driver = Driver(tmp_path, "medspark.train", "backend=spark_barrier", "backend.workers=2", f"train.epochs={epochs}",
+                    "train.batch_size=16", "train.early_stopping.patience=0", master=two_workers.master_url,
+                    work=train_work)
+    lost = lose_a_machine_during(two_workers, driver, BARRIER, ready=lambda: checkpoint_epochs(train_work) >= 1)
+    done = checkpoint_epochs(train_work)
+    two_workers.ensure_workers(2)  # a replacement machine: barrier tasks need both slots at once
+    log = driver.wait()
+    assert driver.proc.returncode == 0, log
+    jobs = driver.jobs()
+    barrier = [j for j in jobs if BARRIER[0] in j["desc"]]
+    assert [j["ok"] for j in barrier] == [False, True], f"one lost attempt, then one that succeeded: {barrier}"
+    assert all(j["ok"] for j in jobs if j not in barrier), jobs
+    assert any(t["job"] == barrier[0]["desc"] for t in driver.lost_tasks(lost["executor"])), "the lost barrier task"
+
+    run = driver.run()
+    m = run.data.metrics
+    assert run.info.status == "FINISHED" and m["barrier_attempts"] == 2
+    resumed = int(m["barrier_resumed_epochs"])
+    assert 1 <= done <= resumed < epochs, f"resumed at epoch {resumed} (>= {done} completed when the machine died)"
+    client = mlflow.MlflowClient()
+    assert [e.step for e in client.get_metric_history(run.info.run_id, "loss")] == list(range(epochs)), \
+        "each epoch once in the history: the first ones from the checkpoint"
+    assert [e.step for e in client.get_metric_history(run.info.run_id, "epoch_seconds")] == \
+        list(range(resumed, epochs)) and m["epochs_run"] == epochs - resumed, "completed epochs are not trained again"
+    assert run.data.tags["medspark.last_completed_epoch"] == str(epochs)
+    assert not Path(run.data.tags["medspark.checkpoint"]).exists(), "the finished run removes its checkpoint"
+    assert m["test_accuracy"] >= 0.5, f"4 classes (chance 0.25): {m['test_accuracy']}"
+    probs = load_and_predict(run)
+    assert probs.shape == (2, 4) and abs(probs.sum(1) - 1).max() < 1e-4
+
+
+def test_spark_barrier_fails_in_one_line_when_slots_stay_short_and_train_resume_continues(two_workers, tmp_path,
+                                                                                         train_work):
+    """The same loss with no replacement: the barrier stage cannot run again (one slot, two tasks). After
+    `backend.slots_timeout_s` the run fails with one line that says so and names the key; its checkpoint stays,
+    and once the cluster has its slots back the same command with `train.resume=true` continues from it."""
+    epochs = 6
+    args = ("medspark.train", "backend=spark_barrier", "backend.workers=2", f"train.epochs={epochs}",
+            "train.batch_size=16", "train.early_stopping.patience=0", "backend.slots_timeout_s=10")
+    driver = Driver(tmp_path, *args, master=two_workers.master_url, work=train_work, name="-first")
+    lose_a_machine_during(two_workers, driver, BARRIER, ready=lambda: checkpoint_epochs(train_work) >= 1)
+    start = time.monotonic()
+    driver.wait()
+    assert driver.proc.returncode == 2, driver.tail()
+    last = driver.tail().strip().splitlines()[-1]
+    assert last == ("medspark: error: backend=spark_barrier needs backend.workers=2 task slots at once (barrier mode) "
+                    "but the cluster has had only 1 free for 10 s; give it more executors (or replace lost ones), "
+                    "lower backend.workers, or wait longer: backend.slots_timeout_s=<seconds>"), driver.tail()
+    assert time.monotonic() - start < 60, "failed soon after the timeout"
+    failed = driver.run()
+    assert failed.info.status == "FAILED"
+    done = checkpoint_epochs(train_work)
+    assert 1 <= done < epochs, "the checkpoint stays"
+
+    two_workers.ensure_workers(2)
+    resumed = Driver(tmp_path, *args, "train.resume=true", master=two_workers.master_url, work=train_work,
+                     name="-resumed")
+    log = resumed.wait()
+    assert resumed.proc.returncode == 0, log
+    run = resumed.run()
+    tags, m = run.data.tags, run.data.metrics
+    assert run.info.status == "FINISHED" and tags["medspark.resumed_from"] == failed.info.run_id
+    assert tags["medspark.resumed_at_epoch"] == str(done) and m["barrier_resumed_epochs"] == done
+    client = mlflow.MlflowClient()
+    assert [e.step for e in client.get_metric_history(run.info.run_id, "loss")] == list(range(epochs))
+    assert [e.step for e in client.get_metric_history(run.info.run_id, "epoch_seconds")] == list(range(done, epochs))
+    assert checkpoint_epochs(train_work) == 0, "the finished run removes its checkpoint"
+
+
+def test_ensemble_member_lost_with_its_machine_trains_again(two_workers, tmp_path, train_work):
+    """Each member is one ordinary Spark task: the one lost with its machine runs again on the surviving
+    executor (same seeded bootstrap sample), and the run ends with every member trained in full."""
+    epochs = 3
+    driver = Driver(tmp_path, "medspark.train", "backend=ensemble", "backend.members=2", f"train.epochs={epochs}",
+                    "train.batch_size=16", "train.early_stopping.patience=0", master=two_workers.master_url,
+                    work=train_work)
+    lost = lose_a_machine_during(two_workers, driver, ("ensemble",), ready=running_for(8))  # members are training
+    log = driver.wait()
+    assert driver.proc.returncode == 0, log
+    rerun = driver.rerun_tasks(lost["executor"])
+    assert rerun and all(t["rerun_ok"] for t in rerun), f"{lost}: lost tasks {rerun}"
+    assert any("ensemble" in (t["job"] or "") for t in rerun), f"no member task lost: {rerun}"
+    run = driver.run()
+    m = run.data.metrics
+    assert run.info.status == "FINISHED" and run.data.params["workers"] == "2"
+    assert m["member_0_epochs"] == m["member_1_epochs"] == epochs
+    assert m["test_accuracy"] >= 0.5, f"4 classes (chance 0.25): {m['test_accuracy']}"
+    probs = load_and_predict(run)
+    assert probs.shape == (2, 4) and abs(probs.sum(1) - 1).max() < 1e-4

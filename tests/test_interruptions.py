@@ -263,9 +263,9 @@ def test_resume_is_refused_in_one_line_where_a_backend_keeps_no_checkpoints(tmp_
     from medspark import resume
     from medspark.config import ConfigError
 
-    for name in ("single", "mirrored"):
+    for name in ("single", "mirrored", "spark_barrier"):
         resume.check(make_cfg(tmp_path, [f"backend={name}", "train.resume=true"]))
-    for name in ("elephas_sync", "elephas_async", "elephas_hogwild", "spark_barrier", "ensemble"):
+    for name in ("elephas_sync", "elephas_async", "elephas_hogwild", "ensemble"):
         assert not resume.supports(make_cfg(tmp_path, [f"backend={name}"]).backend)
         with pytest.raises(ConfigError, match=rf"^train\.resume=true but backend={name} trains on Spark executors "
                                               r"and keeps no checkpoints .* drop train\.resume or use one of those$"):

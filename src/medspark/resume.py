@@ -1,16 +1,19 @@
 """Interrupted trainings: checkpoints to resume from (train.resume=true), and MLflow runs that tell the truth.
 
-Checkpoints. Backends that train with Keras `model.fit` (`single`, `mirrored`: `supports_resume = True`) back
-up the model, the optimizer and the epoch at the end of every epoch (`Checkpoint` below, a Keras
-BackupAndRestore) to `<paths.checkpoint_url>/<key>/` (default `<paths.data_url>/_checkpoints/<key>`: on the data's
-filesystem, so any machine that reads the data can resume). The key is `<dataset>-<backend>-<hash>` of
+Checkpoints. Backends that train with Keras `model.fit` (`single`, `mirrored`, `spark_barrier`:
+`supports_resume = True`) back up the model, the optimizer and the epoch at the end of every epoch (`Checkpoint`
+below, a Keras BackupAndRestore) to `<paths.checkpoint_url>/<key>/` (default `<paths.data_url>/_checkpoints/<key>`:
+on the data's filesystem, so any machine that reads the data can resume). The key is `<dataset>-<backend>-<hash>` of
 everything that shapes the training: the data fingerprint, `model`, `backend`, `train` (but resume, verbose,
 objective, measure_baseline) and `seed`; a run with other settings never picks up another's checkpoint. A fresh
 run (train.resume=false) discards a checkpoint left under its key and writes its own; with train.resume=true it
 continues from the last completed epoch. `fit` removes the checkpoint when it ends normally, so finished
 runs leave nothing behind; a run killed and never resumed leaves one folder (two weight generations).
-The Spark backends (elephas_*, spark_barrier, ensemble) keep no checkpoints: train.resume=true fails there,
-before Spark starts, with one line (retraining from scratch while the user believes it resumes is worse).
+`spark_barrier` trains on executors: its chief worker writes the checkpoint, every worker restores from it (so
+it must be a folder all executors share, as the data is), and the driver removes it once the barrier stage has
+succeeded; a barrier stage run again after a lost executor resumes from it too (backends/spark_barrier.py).
+The other Spark backends (elephas_*, ensemble) keep no checkpoints: train.resume=true fails there, before
+Spark starts, with one line (retraining from scratch while the user believes it resumes is worse).
 
 MLflow. A resumed training is a new run linked to the one it continues: tags `medspark.resumed_from=<run id>`
 and `medspark.resumed_at_epoch=N` (epochs done before; this run trains N+1..), and on the old run
@@ -57,8 +60,8 @@ def check(cfg, backend=None) -> None:
     resumable = backend.supports_resume if backend is not None else supports(cfg.backend)
     if cfg.train.get("resume") and not resumable:
         raise ConfigError(f"train.resume=true but backend={cfg.backend.name} trains on Spark executors and keeps no "
-                          "checkpoints to resume from (backends that can: single, mirrored); drop train.resume or "
-                          "use one of those")
+                          "checkpoints to resume from (backends that can: single, mirrored, spark_barrier); drop "
+                          "train.resume or use one of those")
 
 
 def checkpoint_key(cfg, fingerprint: str) -> str:
@@ -187,13 +190,17 @@ class Checkpoint:
     `<directory>/backup/`: Keras BackupAndRestore (model weights, optimizer state, epoch), two generations, so
     a backup cut in half falls back to the one before. `<directory>/medspark.json`: the run and process that
     own it, and the per-epoch history so far (Keras keeps none). Both are written at every epoch's end as one
-    step that a SIGTERM does not cut (medspark.interrupts.deferred), and removed when `fit` ends normally."""
+    step that a SIGTERM does not cut (medspark.interrupts.deferred), and removed when `fit` ends normally.
+    Several workers training one model (spark_barrier): all restore from it, one (`writer`) writes it, and
+    none removes it at the end (`remove_at_end=False`: the driver does, once every worker has finished)."""
     directory: str  # a local path, or a URL TensorFlow's file system knows (hdfs://, gs://)
     owner: dict[str, Any]  # recorded in medspark.json: run_id, process, key
     history: dict[str, list[float]] = field(default_factory=dict)  # per epoch, from the first (restored ones too)
     on_resumed: Callable[[int], None] | None = None  # called once, with the number of epochs restored (> 0)
     on_epoch: Callable[[int], None] | None = None  # called with the number of epochs completed
     resumed_epochs: int = 0  # epochs the backup restored (set when fit starts)
+    writer: bool = True  # this process writes the backup and medspark.json (False: a worker that only restores)
+    remove_at_end: bool = True  # fit ending normally removes the checkpoint
 
     STATE = "medspark.json"
     BACKUP = "backup"
@@ -213,6 +220,8 @@ class Checkpoint:
                 ckpt._restored(int(getattr(self.model, "_initial_epoch", None) or 0), others)
 
             def on_epoch_end(self, epoch, logs=None):
+                if not ckpt.writer:
+                    return
                 with deferred():  # history, backup and MLflow tag agree, whenever a SIGTERM comes
                     ckpt._record(epoch, logs or {})  # the history first: it may run ahead of the backup, never behind
                     super().on_epoch_end(epoch, logs)  # the Keras backup of this epoch
@@ -221,8 +230,9 @@ class Checkpoint:
                     ckpt._save(epoch + 1)  # epochs_completed last: it never runs ahead of the backup
 
             def on_train_end(self, logs=None):
-                super().on_train_end(logs)  # deletes the backup
-                ckpt.remove()
+                if ckpt.remove_at_end:
+                    super().on_train_end(logs)  # deletes the backup
+                    ckpt.remove()
 
         return _Backup(backup_dir=f"{self.directory}/{self.BACKUP}", double_checkpoint=True)
 

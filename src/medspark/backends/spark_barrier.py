@@ -30,6 +30,21 @@ starts), returns all of TensorFlow's memory when training ends, and lets a timeo
 killing Spark's. The child dies with its task (PR_SET_PDEATHSIG) when Spark kills a failed barrier stage,
 and no child stops its TensorFlow server before every worker has finished (a final `ctx.barrier()`).
 
+A lost executor. Spark does not retry a barrier stage whose result the driver collects (it aborts the job: "Could
+not recover from a failed barrier ResultStage"), and a barrier stage can only start when every task has a slot.
+So `fit` runs the barrier job itself again when an attempt failed because an executor was lost (Spark says
+ExecutorLostFailure, or an executor of the attempt is gone), up to `backend.executor_loss_retries` times; any
+other failure (a worker's own error or timeout) fails the run at once, as before. Every attempt resumes from
+the checkpoint (resume.Checkpoint on `paths.checkpoint_url`, the one single/mirrored use): the chief backs up
+weights, optimizer state, epoch and history at every epoch's end, every worker restores from it when fit starts
+(so history continues and no completed epoch is trained again), and the driver removes it once an attempt has
+succeeded. The workers check, with one all-reduce before training, that they all see the same checkpoint
+(different epochs would give them different step counts: an all-reduce that never completes); a folder the
+executors do not share fails with a line naming paths.checkpoint_url. Before each attempt the driver waits for
+`backend.workers` free task slots, and while it runs it watches that its tasks could start: with fewer slots
+than workers for longer than `backend.slots_timeout_s`, the run fails with one line naming that key (Spark itself
+would wait forever on a retry). `train.resume=true` continues a killed run the same way (supports_resume).
+
 Network: each worker's TensorFlow gRPC server listens on every interface (0.0.0.0/[::]: hard-coded in TensorFlow,
 whatever host TF_CONFIG names; `bind_host` only chooses the address peers are given) and is unauthenticated,
 for as long as training runs. Run spark_barrier on a trusted network or behind a host firewall
@@ -46,7 +61,9 @@ import math
 import os
 import pickle
 import sys
+import threading
 import time
+import uuid
 from dataclasses import dataclass
 
 from . import keras_fit
@@ -80,19 +97,30 @@ class WorkerSpec:
     timeout_s: float
 
 
+class SlotsShort(RuntimeError):
+    """Fewer free task slots than barrier tasks for longer than backend.slots_timeout_s."""
+
+
 class SparkBarrier:
-    supports_resume = False  # workers keep no checkpoints
+    supports_resume = True  # the chief checkpoints every epoch; train.resume=true and lost executors resume from it
 
     def __init__(self, workers: int | None = None, bind_host: str | None = None, validation: str = "auto",
                  intra_op_threads: int | None = None, inter_op_threads: int | None = None,
-                 reader_pool: str = "dummy", reader_workers: int = 4, timeout_s: float = 21600):
+                 reader_pool: str = "dummy", reader_workers: int = 4, timeout_s: float = 21600,
+                 slots_timeout_s: float = 600, executor_loss_retries: int = 3):
         if validation not in ("auto", "sharded", "full"):
             raise BackendError(f"backend.validation={validation!r} must be one of auto, sharded, full")
         if workers is not None and int(workers) < 1:
             raise BackendError(f"backend.workers={workers} must be >= 1 (or null = every task slot)")
+        if isinstance(slots_timeout_s, bool) or not isinstance(slots_timeout_s, (int, float)) or slots_timeout_s < 0:
+            raise BackendError(f"backend.slots_timeout_s={slots_timeout_s!r} must be a number of seconds >= 0")
+        if isinstance(executor_loss_retries, bool) or not isinstance(executor_loss_retries, int) \
+                or executor_loss_retries < 0:
+            raise BackendError(f"backend.executor_loss_retries={executor_loss_retries!r} must be an integer >= 0")
         self.workers, self.bind_host, self.validation = workers, bind_host, validation
         self.intra, self.inter = intra_op_threads, inter_op_threads
         self.reader_pool, self.reader_workers, self.timeout_s = reader_pool, int(reader_workers), float(timeout_s)
+        self.slots_timeout_s, self.retries = float(slots_timeout_s), executor_loss_retries
 
     # ------------------------------------------------------------ driver
 
@@ -134,28 +162,49 @@ class SparkBarrier:
 
         spec = self.plan(job)
         n, bs = spec.workers, job.train.batch_size
-        blob = cloudpickle.dumps((dataclasses.replace(job, spark=None), spec))  # the session stays in the driver
+        ckpt = job.checkpoint  # the driver tags MLflow and removes it; the workers get a copy that does neither
+        shipped = None if ckpt is None else dataclasses.replace(ckpt, on_resumed=None, on_epoch=None,
+                                                                 remove_at_end=False)
+        blob = cloudpickle.dumps((dataclasses.replace(job, spark=None, checkpoint=shipped), spec))  # no session
         sc = job.spark.sparkContext
         log.info("%s: %d workers x batch %d, %d steps/epoch, validation %s (%d steps)", NAME, n, bs,
                  spec.steps_per_epoch, "sharded" if spec.validation_sharded else "full", spec.validation_steps)
-        sc.setJobDescription(f"medspark: {NAME} training, {n} workers")
+        if ckpt is None:
+            log.warning("%s: paths.checkpoint_url=null: a lost executor restarts training from the first epoch", NAME)
+        restored = completed_epochs(ckpt)  # > 0: train.resume=true continues a killed run from there
+        if restored and ckpt.on_resumed:
+            ckpt.on_resumed(restored)
         start = time.perf_counter()
-        try:
-            out = (sc.parallelize(range(n), n).barrier()
-                   .mapPartitions(lambda it: barrier_task(it, blob, spec)).collect())
-        except Exception as e:
-            raise BarrierTrainingError(explain(e)) from e
-        finally:
-            sc.setJobDescription(None)
+        attempt = 0
+        while True:
+            attempt += 1
+            before = executors(sc)
+            try:
+                out = self._run_stage(sc, blob, spec, ckpt, attempt)
+                break
+            except SlotsShort as e:
+                raise BackendError(str(e)) from None
+            except Exception as e:
+                lost = lost_executor(e, before, sc)
+                if not lost or attempt > self.retries:
+                    more = (f" (an executor was lost in each of {attempt} attempts: "
+                            f"backend.executor_loss_retries={self.retries})") if lost else ""
+                    raise BarrierTrainingError(explain(e) + more) from e
+                log.warning("%s: attempt %d lost an executor (%s); running the barrier stage again, %s", NAME, attempt,
+                            lost, f"resuming from the checkpoint ({completed_epochs(ckpt)} epoch(s) completed)" if ckpt
+                            else "from the first epoch (paths.checkpoint_url=null)")
         stage_seconds = time.perf_counter() - start
         if len(out) != 1:
             raise BarrierTrainingError(f"backend={NAME}: expected the chief's result, got {len(out)} results")
         chief = load_result(out[0])
+        if ckpt is not None:
+            ckpt.remove()  # every worker has finished: nothing left to resume
 
         model = job.build_model()
         keras_fit.compile_model(model, job)
         model.set_weights(chief["weights"])
         epochs_run = len(chief["epoch_seconds"])
+        resumed = int(chief.get("resumed_epochs", 0))
         return TrainResult(
             model, chief["history"], chief["epoch_seconds"], chief["fit_seconds"],
             images_seen=spec.steps_per_epoch * bs * n * epochs_run, workers=n, global_batch_size=bs * n,
@@ -166,7 +215,149 @@ class SparkBarrier:
                     "intra_op_threads": chief["threads"][0], "inter_op_threads": chief["threads"][1],
                     "isolation": "subprocess per task"},
             metrics={"bn_recalibration_batches": chief["bn_batches"], "barrier_stage_seconds": stage_seconds,
-                     "barrier_startup_seconds": max(0.0, stage_seconds - chief["fit_seconds"])})
+                     "barrier_startup_seconds": max(0.0, stage_seconds - chief["fit_seconds"]),
+                     "barrier_attempts": attempt, "barrier_resumed_epochs": resumed},
+            resumed_epochs=resumed)
+
+    def _run_stage(self, sc, blob: bytes, spec: WorkerSpec, ckpt, attempt: int) -> list:
+        """One barrier job: wait for the slots, run it, watched (see Watch); the chief's result bytes."""
+        n = spec.workers
+        group = f"medspark-{NAME}-{uuid.uuid4().hex[:12]}"
+        wait_for_slots(sc, n, self.slots_timeout_s)  # before submitting: Spark's own check cannot be cancelled
+        sc.setJobGroup(group, f"medspark: {NAME} training, {n} workers" + (f", attempt {attempt}" if attempt > 1
+                                                                               else ""))
+        watch = Watch(sc, group, n, self.slots_timeout_s, ckpt)
+        watch.start()
+        try:
+            return (sc.parallelize(range(n), n).barrier()
+                    .mapPartitions(lambda it: barrier_task(it, blob, spec)).collect())
+        except Exception:
+            if watch.short is not None:
+                raise SlotsShort(slots_message(n, watch.short, self.slots_timeout_s)) from None
+            raise
+        finally:
+            watch.stop()
+            sc.setJobDescription(None)
+            sc.setLocalProperty("spark.jobGroup.id", None)
+
+
+# ------------------------------------------------------------ driver: slots, lost executors, progress
+
+def concurrent_slots(sc) -> int:
+    """Tasks the cluster can run at once right now (Spark's own count for barrier stages: the live executors'
+    cores / spark.task.cpus); SparkContext.defaultParallelism where that internal call is unavailable."""
+    try:
+        jsc = sc._jsc.sc()
+        return int(jsc.maxNumConcurrentTasks(jsc.resourceProfileManager().defaultResourceProfile()))
+    except Exception:
+        return int(sc.defaultParallelism)
+
+
+def slots_message(n: int, free: int, timeout_s: float) -> str:
+    return (f"backend={NAME} needs backend.workers={n} task slots at once (barrier mode) but the cluster has had "
+            f"only {free} free for {timeout_s:g} s; give it more executors (or replace lost ones), lower "
+            f"backend.workers, or wait longer: backend.slots_timeout_s=<seconds>")
+
+
+def wait_for_slots(sc, n: int, timeout_s: float) -> None:
+    """Return once `n` tasks can run at once; SlotsShort after `timeout_s` seconds without."""
+    deadline, free = time.monotonic() + timeout_s, concurrent_slots(sc)
+    if free < n:
+        log.warning("%s: waiting up to %g s for %d free task slots (the cluster has %d)", NAME, timeout_s, n, free)
+    while free < n:
+        if time.monotonic() >= deadline:
+            raise SlotsShort(slots_message(n, free, timeout_s))
+        time.sleep(1)
+        free = concurrent_slots(sc)
+
+
+def executors(sc) -> set[str]:
+    """host:port of the executors the driver knows now (the driver included)."""
+    try:
+        return {f"{e.host()}:{e.port()}" for e in sc._jsc.sc().statusTracker().getExecutorInfos()}
+    except Exception:
+        return set()
+
+
+def lost_executor(e: Exception, before: set[str], sc, grace_s: float = 10) -> str:
+    """Why a failed attempt counts as a lost executor ("" = it does not): Spark's ExecutorLostFailure in the
+    error, or an executor known when the attempt started that is gone. The surviving workers may fail first
+    (their peer vanished) before the driver notices the loss: then wait up to `grace_s` for it."""
+    if "ExecutorLostFailure" in str(e):
+        return "ExecutorLostFailure"
+    if sc.master.startswith("local"):  # one JVM: no executor to lose
+        return ""
+    deadline = time.monotonic() + grace_s
+    while True:
+        gone = before - executors(sc) if before else set()
+        if gone:
+            return f"executor {', '.join(sorted(gone))} gone"
+        if time.monotonic() >= deadline:
+            return ""
+        time.sleep(0.5)
+
+
+def completed_epochs(ckpt) -> int:
+    """Epochs completed in the checkpoint (its medspark.json), 0 without one."""
+    from ..resume import read_checkpoint_state
+
+    return int((read_checkpoint_state(ckpt.directory) or {}).get("epochs_completed", 0)) if ckpt is not None else 0
+
+
+class Watch:
+    """A driver thread while a barrier job runs: cancels the job when its tasks cannot start (the job's stages run
+    no task and the cluster has fewer slots than workers) for longer than the slot timeout, and follows the
+    checkpoint's completed epochs onto the run (`medspark.last_completed_epoch`, as single does every epoch)."""
+
+    def __init__(self, sc, group: str, workers: int, timeout_s: float, ckpt, every_s: float = 1.0):
+        self.sc, self.group, self.n, self.timeout_s, self.ckpt, self.every_s = sc, group, workers, timeout_s, ckpt, \
+            every_s
+        self.short: int | None = None  # free slots when it gave up waiting
+        self._stop, self._epochs = threading.Event(), completed_epochs(ckpt)
+        self._thread = threading.Thread(target=self._run, name=f"{NAME}-watch", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+        self._progress()
+
+    def _running_tasks(self) -> int | None:
+        """Tasks of this job group running now; None while no job of it runs yet."""
+        st = self.sc.statusTracker()
+        jobs = [st.getJobInfo(j) for j in st.getJobIdsForGroup(self.group)]
+        stages = [st.getStageInfo(s) for j in jobs if j is not None and j.status == "RUNNING" for s in j.stageIds]
+        if not any(j is not None and j.status == "RUNNING" for j in jobs):
+            return None
+        return sum(s.numActiveTasks for s in stages if s is not None)
+
+    def _progress(self) -> None:
+        if self.ckpt is None or self.ckpt.on_epoch is None:
+            return
+        done = completed_epochs(self.ckpt)
+        if done > self._epochs:
+            self._epochs = done
+            self.ckpt.on_epoch(done)
+
+    def _run(self) -> None:
+        short_since = None
+        while not self._stop.wait(self.every_s):
+            try:
+                self._progress()
+                free = concurrent_slots(self.sc)
+                if self._running_tasks() == 0 and free < self.n:
+                    short_since = short_since or time.monotonic()
+                    if time.monotonic() - short_since > self.timeout_s:
+                        self.short = free
+                        log.warning("%s: %s", NAME, slots_message(self.n, free, self.timeout_s))
+                        self.sc.cancelJobGroup(self.group)
+                        return
+                else:
+                    short_since = None
+            except Exception as e:  # watching never fails the training
+                log.debug("%s watch: %s", NAME, e)
 
 
 def row_groups(url: str) -> int | None:
@@ -382,6 +573,38 @@ def keras_multi_worker_fixes(model, strategy, shape: tuple, weighted: bool, find
     tf_trainer.reduce_per_replica = reduce_per_replica
 
 
+def worker_checkpoint(job: TrainJob, index: int) -> TrainJob:
+    """This worker's view of the run's checkpoint: every worker restores from it (same weights, epoch and
+    learning-rate schedule state everywhere), only the chief (worker 0) writes it, and the history is read from
+    the folder now (a stage run again after a lost executor continues what the last attempt recorded)."""
+    from ..resume import read_checkpoint_state
+
+    if job.checkpoint is None:
+        return job
+    state = read_checkpoint_state(job.checkpoint.directory) or {}
+    return dataclasses.replace(job, checkpoint=dataclasses.replace(
+        job.checkpoint, writer=index == 0, remove_at_end=False, history=state.get("history") or {}))
+
+
+def check_same_checkpoint(strategy, ckpt) -> None:
+    """All workers must restore the same epoch, or their step counts differ and an all-reduce never completes:
+    one all-reduce of the completed epochs each sees (sum, sum of squares), before training; all fail alike."""
+    if ckpt is None:
+        return
+    import tensorflow as tf
+
+    from ..resume import read_checkpoint_state
+
+    seen = float((read_checkpoint_state(ckpt.directory) or {}).get("epochs_completed", 0))
+    total = strategy.reduce(tf.distribute.ReduceOp.SUM,
+                            strategy.run(lambda: tf.constant([seen, seen * seen, 1.0], tf.float32)), axis=None)
+    s, sq, n = (float(v) for v in total.numpy())
+    if sq * n != s * s:  # not all equal
+        raise RuntimeError(f"the workers see different checkpoints in {ckpt.directory} (between {s / n:g} epochs on "
+                           f"average and {seen:g} here): paths.checkpoint_url must be a folder every executor reads "
+                           "and writes (a shared disk, hdfs://, gs://), or null to train without checkpoints")
+
+
 def worker_main(tmp: str) -> None:
     """Train as one MultiWorkerMirroredStrategy worker (TF_CONFIG from the task), write the result, then wait
     for the task to close stdin (all workers done) and exit without TensorFlow's slow teardown."""
@@ -390,6 +613,7 @@ def worker_main(tmp: str) -> None:
     with open(os.path.join(tmp, "job.pkl"), "rb") as f:
         job, spec = pickle.load(f)  # cloudpickle (the job holds code) from our own task, in its 0700 temp dir
     index = int(json.loads(os.environ["TF_CONFIG"])["task"]["index"])
+    job = worker_checkpoint(job, index)
     addresses = json.loads(os.environ["TF_CONFIG"])["cluster"]["worker"]
     intra, inter = (int(x) for x in os.environ["MEDSPARK_BARRIER_THREADS"].split(","))
 
@@ -399,6 +623,7 @@ def worker_main(tmp: str) -> None:
     strategy = tf.distribute.MultiWorkerMirroredStrategy(
         communication_options=tf.distribute.experimental.CommunicationOptions(
             implementation=tf.distribute.experimental.CommunicationImplementation.RING))
+    check_same_checkpoint(strategy, job.checkpoint)
     n, bs = spec.workers, job.train.batch_size
     cw = job.class_weight()
     weights = tf.constant([cw.get(i, 1.0) for i in range(len(job.data.classes))], tf.float32) if cw else None
@@ -440,6 +665,7 @@ def worker_main(tmp: str) -> None:
                                                                 workers=spec.reader_workers), batches=50)
         out.update(weights=model.get_weights(), history=result.history, epoch_seconds=result.epoch_seconds,
                    fit_seconds=result.train_seconds, addresses=addresses, threads=(intra, inter), bn_batches=bn)
+        out["resumed_epochs"] = result.resumed_epochs
     part = os.path.join(tmp, RESULT + ".part")
     with open(part, "wb") as f:
         f.write(dump_result(out))
