@@ -215,6 +215,21 @@ def _label(name: str, width: int = 18) -> str:
     return "\n".join(textwrap.wrap(str(name), width, break_long_words=True)[:3]) or str(name)
 
 
+def _grid_cells(ax, counts, pct, has_row, names, fs: float, decimals: int) -> None:
+    """Count and row percentage in every cell of a k x k grid (up to 60 classes: past that the numbers are
+    unreadable anyway; the colour still tells the story), names as ticks on both axes."""
+    k = len(names)
+    if k <= 60:
+        for i in range(k):
+            for j in range(k):
+                txt = f"{counts[i, j]}\n{pct[i, j]:.{decimals}f}%" if has_row[i] else "0\n–"
+                ax.text(j, i, txt, ha="center", va="center", fontsize=fs, color="white" if pct[i, j] > 55 else "black")
+    tick = [_label(c) for c in names]
+    ax.set_xticks(range(k), tick, rotation=45 if k > 3 else 0, ha="right" if k > 3 else "center",
+                  fontsize=max(6.0, fs))
+    ax.set_yticks(range(k), tick, fontsize=max(6.0, fs))
+
+
 def confusion_matrix_png(y_true, y_pred, class_names, path) -> Path:
     """Counts and row-normalized % per cell; colour is the row %, so rare classes are as readable as common ones."""
     names = _check_names(class_names)
@@ -233,16 +248,7 @@ def confusion_matrix_png(y_true, y_pred, class_names, path) -> Path:
     ax = fig.add_subplot()
     im = ax.imshow(pct, cmap="Blues", vmin=0, vmax=100)
     fig.colorbar(im, ax=ax, shrink=0.8, label="% of true class")
-    if k <= 60:  # past that the numbers are unreadable anyway; the colour still tells the story
-        for i in range(k):
-            for j in range(k):
-                txt = f"{cm[i, j]}\n{pct[i, j]:.1f}%" if rows[i, 0] else "0\n–"
-                ax.text(j, i, txt, ha="center", va="center", fontsize=fs,
-                        color="white" if pct[i, j] > 55 else "black")
-    tick = [_label(c) for c in names]
-    ax.set_xticks(range(k), tick, rotation=45 if k > 3 else 0, ha="right" if k > 3 else "center",
-                  fontsize=max(6.0, fs))
-    ax.set_yticks(range(k), tick, fontsize=max(6.0, fs))
+    _grid_cells(ax, cm, pct, rows[:, 0] > 0, names, fs, decimals=1)
     ax.set_xlabel("Predicted")
     ax.set_ylabel("True")
     ax.set_title(f"Confusion matrix (n={len(y)}, accuracy={np.trace(cm) / len(y):.3f})")
@@ -595,15 +601,7 @@ def cooccurrence_png(y_true, finding_names, path) -> Path:
     ax = fig.add_subplot()
     im = ax.imshow(pct, cmap="Purples", vmin=0, vmax=100)
     fig.colorbar(im, ax=ax, shrink=0.8, label="% of the row finding's images")
-    if k <= 60:
-        for i in range(k):
-            for j in range(k):
-                txt = f"{co[i, j]}\n{pct[i, j]:.0f}%" if rows[i, 0] else "0\n–"
-                ax.text(j, i, txt, ha="center", va="center", fontsize=fs, color="white" if pct[i, j] > 55 else "black")
-    tick = [_label(c) for c in names]
-    ax.set_xticks(range(k), tick, rotation=45 if k > 3 else 0, ha="right" if k > 3 else "center",
-                  fontsize=max(6.0, fs))
-    ax.set_yticks(range(k), tick, fontsize=max(6.0, fs))
+    _grid_cells(ax, co, pct, rows[:, 0] > 0, names, fs, decimals=0)
     ax.set_xlabel("also has")
     ax.set_ylabel("finding")
     none = int((y.sum(1) == 0).sum())

@@ -258,14 +258,20 @@ def _write(folder: Path, per_class: int, size: int, seed: int, workers: int = 1)
     step = 500
     jobs = [(folder, ci, a, min(a + step, per_class), size, seed)
             for ci in range(len(CLASSES)) for a in range(0, per_class, step)]
-    if workers > 1 and len(jobs) > 1:  # every image has its own RNG: the bytes do not depend on `workers`
+    run_jobs(_write_range, jobs, workers)
+
+
+def run_jobs(fn: Callable, jobs: list[tuple], workers: int) -> None:
+    """fn(*job) for every job, in `workers` spawned processes when there are several. Generators give every image
+    its own RNG, so the bytes written do not depend on `workers`."""
+    if workers > 1 and len(jobs) > 1:
         import multiprocessing
 
         with multiprocessing.get_context("spawn").Pool(workers) as pool:
-            pool.starmap(_write_range, jobs)
+            pool.starmap(fn, jobs)
     else:
         for job in jobs:
-            _write_range(*job)
+            fn(*job)
 
 
 def generate(root: str | os.PathLike, per_class: int, size: int = 128, seed: int = 0, workers: int = 1) -> Path:

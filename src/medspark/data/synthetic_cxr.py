@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .synthetic import MARKER, PNG_COMPRESS_LEVEL, _check_int, _grid, _soft, publish
+from .synthetic import MARKER, PNG_COMPRESS_LEVEL, _check_int, _grid, _soft, publish, run_jobs
 
 FINDINGS = ("Atelectasis", "Cardiomegaly", "Effusion", "Mass", "Nodule", "Pneumothorax")  # NIH's names and order
 NEGATIVE = "No Finding"
@@ -274,14 +274,7 @@ def _write(folder: Path, patients: int, size: int, seed: int, per_folder: int, w
     step = min(250, -(-len(exams) // workers))  # each worker gets some
     jobs = [(folder, a, min(a + step, len(exams)), patients, size, seed, per_folder)
             for a in range(0, len(exams), step)]
-    if workers > 1 and len(jobs) > 1:  # every image has its own RNG: the bytes do not depend on `workers`
-        import multiprocessing
-
-        with multiprocessing.get_context("spawn").Pool(workers) as pool:
-            pool.starmap(_write_range, jobs)
-    else:
-        for job in jobs:
-            _write_range(*job)
+    run_jobs(_write_range, jobs, workers)
     spacing = round(0.143 * 1024 / size, 4)  # NIH: 0.143 mm at 1024 px
     rows = [f"{e.name},{'|'.join(e.findings) or NEGATIVE},{e.follow_up},{e.patient},{e.age},{e.gender},{e.view},"
             f"{size},{size},{spacing},{spacing}" for e in exams]
