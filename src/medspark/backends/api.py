@@ -41,8 +41,16 @@ class TrainJob:
         from hydra.utils import instantiate
 
         def build_model(**overrides):
-            return instantiate(cfg.model, input_shape=data.shape, num_classes=len(data.classes),
-                               multilabel=data.multilabel, **overrides)
+            task = {"multilabel": True} if data.multilabel else {}  # single-label builders need not know the word
+            try:
+                return instantiate(cfg.model, input_shape=data.shape, num_classes=len(data.classes), **task,
+                                   **overrides)
+            except Exception as e:
+                if task and "multilabel" in str(e):
+                    raise ConfigError(f"model={cfg.model.name} cannot build a multilabel head (its build() takes no "
+                                      f"`multilabel`); end it in models._common.head, or pick a model that does "
+                                      f"(small_cnn, dense, resnet50)") from e
+                raise
 
         return cls(data=data, build_model=build_model, train=TrainConfig.from_cfg(cfg.train), spark=spark,
                    seed=int(cfg.seed), checkpoint=checkpoint)

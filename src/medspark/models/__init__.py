@@ -3,7 +3,8 @@
 Contract: each module exposes
     build(input_shape: (H, W, C), num_classes: int, name: str = "<module>", **hparams) -> keras.Model
 returning an UNCOMPILED functional model whose input is a float32 batch (N, H, W, C) with pixel values in
-[0, 255] (C is 1 or 3) and whose output is softmax probabilities (N, num_classes). Input scaling lives inside
+[0, 255] (C is 1 or 3) and whose output is softmax probabilities (N, num_classes), or with `multilabel=True`
+(passed only for a multilabel dataset) one sigmoid per finding (`_common.head` builds either). Input scaling lives inside
 the graph, built from standard serializable Keras layers only (no Lambda, no custom objects), so
 `model.save("x.keras")` / `keras.models.load_model`, MLflow and JSON + weights round-trips need nothing extra.
 Every hparam has a default; Hydra's `_target_: medspark.models.<module>.build` is the registry.
