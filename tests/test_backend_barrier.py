@@ -34,7 +34,8 @@ def write_parquet(path, rows: int, row_group_rows: int) -> None:
 
 def fake_job(spark, cfg, root, sizes=None, build_model=None):
     data = SimpleNamespace(split_url=lambda split: f"file://{root}/{split}", shape=(8, 8, 1), classes=["a", "b"],
-                           sizes=sizes or {"train": 100, "val": 0, "test": 0}, per_class={})
+                           sizes=sizes or {"train": 100, "val": 0, "test": 0}, per_class={}, task="binary",
+                           multilabel=False)
     return TrainJob(data=data, build_model=build_model, train=cfg.train, spark=spark, seed=0)
 
 
