@@ -22,7 +22,16 @@ GROUPS = {g: sorted(p.stem for p in (Path(config_dir()) / g).glob("*.yaml"))
           for g in ("dataset", "model", "backend", "cluster", "experiment")}
 REAL_ROOTS = {"brain_mri": "brain-tumor-mri", "brain_mri_binary": "brain-mri-yes-no",
               "chest_xray": "chest-xray-pneumonia", "image_folder": "brain-mri-yes-no", "chest_xray14": "chest-xray14"}
+SOURCE_ROOTS = {"brain_tumor_binary_merged": {"brain_tumor_mri": "brain-tumor-mri/Training",  # merged: a root each
+                                              "brain_mri_yes_no": "brain-mri-yes-no"}}
 SMALL = {"synthetic": ["dataset.generate.per_class=3"], "synthetic_cxr14": ["dataset.generate.patients=40"]}
+
+
+def root_overrides(name: str, base: Path, real: bool) -> list[str]:
+    """dataset.root (or each merged source's root) under base: the real dataset's folder, or base itself."""
+    if name in SOURCE_ROOTS:
+        return [f"dataset.sources.{src}.root={base / sub if real else base}" for src, sub in SOURCE_ROOTS[name].items()]
+    return [f"dataset.root={base / REAL_ROOTS[name] if real else base}"]
 
 
 def test_groups_hold_the_promised_options():
@@ -35,11 +44,11 @@ def test_groups_hold_the_promised_options():
 @pytest.mark.parametrize("name", GROUPS["dataset"])
 def test_every_dataset_option_lists_images(tmp_path, name):
     overrides = [f"dataset={name}", *SMALL.get(name, [])]
-    if name in REAL_ROOTS:
-        root = SHARED / REAL_ROOTS[name]
-        if not root.is_dir():
-            pytest.skip(f"{root} not present")
-        overrides.append(f"dataset.root={root}")
+    if name in REAL_ROOTS or name in SOURCE_ROOTS:
+        for sub in SOURCE_ROOTS.get(name, {}).values() or [REAL_ROOTS[name]]:
+            if not (SHARED / sub).is_dir():
+                pytest.skip(f"{SHARED / sub} not present")
+        overrides += root_overrides(name, SHARED, real=True)
     cfg = make_cfg(tmp_path, overrides)
     check(cfg)
     listing = list_dataset(cfg.dataset)
@@ -48,7 +57,7 @@ def test_every_dataset_option_lists_images(tmp_path, name):
 
 @pytest.mark.parametrize("name", GROUPS["dataset"])
 def test_every_dataset_option_names_its_source(tmp_path, name):
-    cfg = make_cfg(tmp_path, [f"dataset={name}"] + ([] if name in SMALL else ["dataset.root=/data"]))
+    cfg = make_cfg(tmp_path, [f"dataset={name}"] + ([] if name in SMALL else root_overrides(name, Path("/data"), False)))
     own_test = ("brain_mri", "chest_xray", "chest_xray14", "synthetic_cxr14")  # their own test folder or test list
     assert has_test_split(cfg.dataset) == (name in own_test)  # what check() asks the source
 
