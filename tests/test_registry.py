@@ -114,13 +114,14 @@ def test_a_custom_alias_and_a_bad_mode(client):
 
 def test_promote_is_skipped_when_disabled_or_not_registered(client):
     class Info:
-        run_id, registered_model_version = "x", None
+        run_id, registered_model_name, registered_model_version = "x", None, None
+        registration = "not registered: a sweep job: the sweep registers its best job when it ends"
 
     cfg = OmegaConf.create({"champion_alias": None, "registered_model": "m", "champion_mode": "max"})
-    assert registry.promote(cfg, Info(), "test_accuracy", 1.0) == {"decision": "skipped",
-                                                                  "reason": "tracking.champion_alias is null"}
+    assert registry.promote(cfg, (Info(), Info()), "test_accuracy", 1.0) == {
+        "decision": "skipped", "reason": "tracking.champion_alias is null"}
     cfg.champion_alias = "champion"
-    assert registry.promote(cfg, Info(), "test_accuracy", 1.0)["reason"] == "the model was not registered"
+    assert registry.promote(cfg, (Info(), Info()), "test_accuracy", 1.0)["reason"].startswith("a sweep job")
 
 
 def test_configure_rejects_a_bad_mode_and_chooses_artifact_roots(tmp_path):
@@ -132,6 +133,146 @@ def test_configure_rejects_a_bad_mode_and_chooses_artifact_roots(tmp_path):
     assert tracking.artifact_location("https://mlflow.example.org", None) is None
     assert tracking.artifact_location("http://h:5000", "s3://bucket/medspark") == "s3://bucket/medspark"
     assert tracking.artifact_location("http://h:5000", str(tmp_path / "a")) == (tmp_path / "a").as_uri()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# data definitions: one champion per definition, on both models, with tagged and described versions
+
+TRACKING = {"champion_alias": "champion", "champion_mode": "max"}
+
+
+def definition(key: str, shape="32x32x1", classes="a,b") -> dict:
+    return {"key": key, "fingerprint": f"fp-{key}", "classes": classes, "task": "binary", "input_shape": shape,
+            "test_n": "12"}
+
+
+def registered_run(client, base, defn: dict, accuracy: float) -> tuple[str, dict]:
+    """A finished run with test_accuracy, its two models registered by registry.register: (run_id, versions)."""
+    run = client.create_run(client.exp)
+    run_id = run.info.run_id
+    client.log_metric(run_id, "test_accuracy", accuracy)
+    client.set_terminated(run_id)
+    got = registry.register(client, run_id, base, defn, {"model": f"{run.info.artifact_uri}/model",
+                                                         "classifier": f"{run.info.artifact_uri}/classifier"})
+    return run_id, got
+
+
+def test_the_alias_moves_on_both_models_and_versions_carry_what_they_were_tested_on(client):
+    r1, g1 = registered_run(client, "both", definition("1" * 16), 0.6)
+    assert g1 == {"name": "both", "version": "1", "classifier_name": "both-classifier", "classifier_version": "1"}
+    d = registry.promote_registered(client, TRACKING, r1, g1, definition("1" * 16), "test_accuracy", 0.6)
+    assert d["decision"] == "promoted" and d["classifier_champion_uri"] == "models:/both-classifier@champion"
+    r2, g2 = registered_run(client, "both", definition("1" * 16), 0.8)
+    d = registry.promote_registered(client, TRACKING, r2, g2, definition("1" * 16), "test_accuracy", 0.8)
+    assert d["decision"] == "promoted" and champion(client, "both") == champion(client, "both-classifier") == "2"
+    assert client.get_model_version_by_alias("both-classifier", "champion").run_id == r2
+    r3, g3 = registered_run(client, "both", definition("1" * 16), 0.7)
+    registry.promote_registered(client, TRACKING, r3, g3, definition("1" * 16), "test_accuracy", 0.7)
+    assert champion(client, "both") == champion(client, "both-classifier") == "2", "a worse run moves neither"
+
+    for name, kind in (("both", "keras"), ("both-classifier", "classifier")):
+        mv = client.get_model_version(name, "2")
+        assert mv.tags.items() >= {"medspark.objective": "test_accuracy", "medspark.objective_value": "0.8",
+                                "medspark.data_definition": "1" * 16, "medspark.data_fingerprint": "fp-" + "1" * 16,
+                                "medspark.classes": "a,b", "medspark.task": "binary",
+                                "medspark.input_shape": "32x32x1", "medspark.run_id": r2,
+                                    "medspark.model_kind": kind}.items()
+        assert f"of run {r2}: test_accuracy = 0.8 on the test split of data definition {'1' * 16}" in mv.description
+    assert client.get_registered_model("both").tags["medspark.data_definition"] == "1" * 16
+
+
+def test_another_data_definition_registers_under_its_own_name_with_its_own_champion(client, caplog):
+    small, large = definition("a" * 16, "32x32x1"), definition("b" * 16, "64x64x1")
+    r1, g1 = registered_run(client, "defs", small, 0.5)
+    registry.promote_registered(client, TRACKING, r1, g1, small, "test_accuracy", 0.5)
+    with caplog.at_level("WARNING", logger="medspark.registry"):
+        r2, g2 = registered_run(client, "defs", large, 0.99)  # far better, but on other data: not comparable
+    assert g2["name"] == "defs-bbbbbbbb" and g2["classifier_name"] == "defs-bbbbbbbb-classifier"
+    assert "registered as defs-bbbbbbbb, which has its own champion" in caplog.text
+    d = registry.promote_registered(client, TRACKING, r2, g2, large, "test_accuracy", 0.99)
+    assert d["decision"] == "promoted" and d["reason"] == "no champion yet"
+    assert champion(client, "defs") == "1" and champion(client, "defs-bbbbbbbb") == "1"
+    r3, g3 = registered_run(client, "defs", small, 0.4)  # the first definition keeps the name
+    assert g3["name"] == "defs" and g3["version"] == "2"
+
+
+def test_a_champion_on_another_definition_is_never_compared_one_without_is_replaced(client):
+    """The registry's own guard (a name someone tagged by hand, or filled before definitions were recorded)."""
+    r1, v1 = version(client, "guard", {"test_accuracy": 0.5})
+    registry.promote_if_better(client, "guard", v1, r1, "test_accuracy", 0.5)  # a version without a definition
+    r2, v2 = version(client, "guard", {"test_accuracy": 0.1})
+    client.set_model_version_tag("guard", v2, "medspark.data_definition", "c" * 16)
+    d = registry.promote_if_better(client, "guard", v2, r2, "test_accuracy", 0.1, definition="c" * 16)
+    assert d["decision"] == "promoted" and "records no data definition" in d["reason"]
+    r3, v3 = version(client, "guard", {"test_accuracy": 0.9})
+    client.set_model_version_tag("guard", v3, "medspark.data_definition", "d" * 16)
+    d = registry.promote_if_better(client, "guard", v3, r3, "test_accuracy", 0.9, definition="d" * 16)
+    assert d["decision"] == "kept" and "not comparable" in d["reason"] and champion(client, "guard") == v2
+
+
+@pytest.fixture
+def no_parent(monkeypatch):
+    monkeypatch.delenv(tracking.PARENT_RUN_ENV, raising=False)
+    return monkeypatch
+
+
+def test_registration_is_deliberate(tmp_path, no_parent):
+    from hydra.core.hydra_config import HydraConfig
+
+    from medspark.config import compose_project_config
+
+    auto = OmegaConf.create({"registered_model": "m", "register": "auto"})
+    assert registry.not_registering(auto) is None  # a stand-alone run registers
+    assert registry.not_registering(OmegaConf.create({"registered_model": "m", "register": "never"})) == \
+        "tracking.register=never"
+    assert registry.not_registering(OmegaConf.create({"registered_model": None})) == "tracking.registered_model is null"
+    no_parent.setenv(tracking.PARENT_RUN_ENV, "0123abcd")  # a benchmark's (or a sweep's) child run
+    assert "a child of run 0123abcd" in registry.not_registering(auto)
+    no_parent.delenv(tracking.PARENT_RUN_ENV)
+    cfg = compose_project_config([f"paths.work_dir={tmp_path}"], return_hydra_config=True)
+    cfg.hydra.mode = "MULTIRUN"  # what a job of `medspark -m ...` sees, with any launcher
+    HydraConfig.instance().set_config(cfg)
+    try:
+        assert registry.not_registering(auto).startswith("a sweep job: the sweep registers its best job")
+        assert registry.not_registering(OmegaConf.create({"registered_model": "m", "register": "always"})) is None
+    finally:
+        HydraConfig.instance().cfg = None
+    with pytest.raises(ConfigError, match=r"tracking.register=sometimes must be one of auto \| always \| never"):
+        tracking.configure(OmegaConf.create({"uri": f"sqlite:///{tmp_path}/m.db", "experiment": "x",
+                                             "register": "sometimes"}))
+
+
+def test_image_folder_datasets_are_named_after_their_root(tmp_path):
+    from medspark.config import compose_project_config
+
+    def name(*overrides):
+        return registry.base_name(compose_project_config([f"paths.work_dir={tmp_path}", *overrides]))
+
+    assert name("dataset=image_folder", "dataset.root=/data/Brain Tumor MRI/") == "medspark-image_folder-brain-tumor-mri"
+    assert name("dataset=image_folder", "dataset.root=/data/yes_no") == "medspark-image_folder-yes-no"
+    assert name("dataset=image_folder", "dataset.root=/d/x", "tracking.registered_model=tumours") == "tumours"
+    assert name() == "medspark-synthetic" and name("tracking.registered_model=null") is None
+
+
+def test_predict_takes_the_keras_models_alias_for_the_classifier_of_the_same_run(client, capsys):
+    from medspark import predict
+
+    mlflow.set_tracking_uri(client.tracking_uri)
+    mlflow.set_registry_uri(client.tracking_uri)
+    r1, g1 = registered_run(client, "served", definition("e" * 16), 0.7)
+    registry.promote_registered(client, TRACKING, r1, g1, definition("e" * 16), "test_accuracy", 0.7)
+    r2, g2 = registered_run(client, "served", definition("e" * 16), 0.6)  # not champion
+    assert predict.classifier_uri("models:/served@champion") == "models:/served-classifier@champion"
+    assert "is the Keras model" in capsys.readouterr().out
+    assert predict.classifier_uri("models:/served/2") == "models:/served-classifier/2"
+    other = client.create_run(client.exp).info.run_id  # a classifier version of its own: the numbers now differ
+    client.create_model_version("served-classifier", "file:///nowhere", run_id=other)
+    r3, g3 = registered_run(client, "served", definition("e" * 16), 0.5)
+    assert (g3["version"], g3["classifier_version"]) == ("3", "4")
+    assert predict.classifier_uri("models:/served/3") == "models:/served-classifier/4"  # found by run, not number
+    for uri in ("models:/served-classifier/2", "models:/served-classifier@champion", "runs:/x/classifier",
+                "models:/nothing@champion", "models:/served@nope"):
+        assert predict.classifier_uri(uri) == uri  # a classifier, a run, or something MLflow will report
 
 
 # ---------------------------------------------------------------------------------------------------------
