@@ -147,14 +147,15 @@ def definition(key: str, shape="32x32x1", classes="a,b") -> dict:
 
 
 def registered_run(client, base, defn: dict, accuracy: float) -> tuple[str, dict]:
-    """A finished run with test_accuracy, its two models registered by registry.register: (run_id, versions)."""
-    run = client.create_run(client.exp)
-    run_id = run.info.run_id
+    """A finished run with test_accuracy and two logged models (records only: registering needs no files),
+    registered by registry.register: (run_id, versions)."""
+    mlflow.set_tracking_uri(client.tracking_uri)  # this store (and registry) for mlflow.register_model
+    run_id = client.create_run(client.exp).info.run_id
     client.log_metric(run_id, "test_accuracy", accuracy)
+    sources = {name: mlflow.initialize_logged_model(name=name, source_run_id=run_id, experiment_id=client.exp).model_uri
+               for name in ("model", "classifier")}
     client.set_terminated(run_id)
-    got = registry.register(client, run_id, base, defn, {"model": f"{run.info.artifact_uri}/model",
-                                                         "classifier": f"{run.info.artifact_uri}/classifier"})
-    return run_id, got
+    return run_id, registry.register(client, run_id, base, defn, sources)
 
 
 def test_the_alias_moves_on_both_models_and_versions_carry_what_they_were_tested_on(client):
@@ -210,6 +211,38 @@ def test_a_champion_on_another_definition_is_never_compared_one_without_is_repla
     assert d["decision"] == "kept" and "not comparable" in d["reason"] and champion(client, "guard") == v2
 
 
+def test_the_data_definition_is_the_test_split_classes_task_and_shape_not_paths_or_times(spark, tmp_path):
+    """The same images copied elsewhere (new paths and file times: a new fingerprint, a new Petastorm folder) are
+    the same definition; another input shape or another test split is not."""
+    import shutil
+
+    from PIL import Image
+
+    from medspark.data import materialize as mat
+    from medspark.data.preprocess import PreprocessConfig
+    from medspark.data.sources.class_folders import ClassFolders
+
+    rng = np.random.default_rng(0)
+    for cls in ("no", "yes"):
+        (tmp_path / "a" / cls).mkdir(parents=True)
+        for i in range(12):
+            Image.fromarray(rng.integers(0, 255, (24, 24), dtype=np.uint8)).save(tmp_path / "a" / cls / f"{i}.png")
+    shutil.copytree(tmp_path / "a", tmp_path / "copy" / "b")
+
+    def defn(root, size=16, seed=0):
+        listing = ClassFolders(str(root)).list()
+        data = mat.materialize(spark, listing, PreprocessConfig(image_size=size, channels=1),
+                               {"val": 0.2, "test": 0.3, "seed": seed}, str(tmp_path / "data"), "def")
+        return registry.data_definition(data)
+
+    first, copy = defn(tmp_path / "a"), defn(tmp_path / "copy" / "b")
+    assert first["fingerprint"] != copy["fingerprint"] and first["key"] == copy["key"]
+    assert first | {"key": "", "fingerprint": ""} == {"key": "", "fingerprint": "", "classes": "no,yes",
+                                                      "task": "binary", "input_shape": "16x16x1", "test_n": "8"}
+    assert defn(tmp_path / "a", size=20)["key"] != first["key"]
+    assert defn(tmp_path / "a", seed=1)["key"] != first["key"]
+
+
 @pytest.fixture
 def no_parent(monkeypatch):
     monkeypatch.delenv(tracking.PARENT_RUN_ENV, raising=False)
@@ -257,8 +290,6 @@ def test_image_folder_datasets_are_named_after_their_root(tmp_path):
 def test_predict_takes_the_keras_models_alias_for_the_classifier_of_the_same_run(client, capsys):
     from medspark import predict
 
-    mlflow.set_tracking_uri(client.tracking_uri)
-    mlflow.set_registry_uri(client.tracking_uri)
     r1, g1 = registered_run(client, "served", definition("e" * 16), 0.7)
     registry.promote_registered(client, TRACKING, r1, g1, definition("e" * 16), "test_accuracy", 0.7)
     r2, g2 = registered_run(client, "served", definition("e" * 16), 0.6)  # not champion
@@ -347,3 +378,74 @@ def test_two_runs_log_the_same_param_and_metric_keys(two_runs):
     only1, only2 = set(r1.data.metrics) - set(r2.data.metrics), set(r2.data.metrics) - set(r1.data.metrics)
     assert not only1 and not only2, f"metrics only in run 1: {sorted(only1)}; only in run 2: {sorted(only2)}"
     assert all(not math.isnan(r1.data.metrics[k]) for k in ("test_accuracy", "train_seconds"))
+
+
+@pytest.fixture(scope="module")
+def more_runs(two_runs):
+    """In the same store, after the two runs: a 2-job sweep on the same data (1 epoch, lr 1e-6 and 1e-5: worse
+    than run 1), then one run on other data (32 px: another input shape, so another data definition)."""
+    tmp = two_runs["tmp"]
+    sweep = train_cli(tmp, "-m", "train.epochs=1", "train.lr=1e-6,1e-5", f"hydra.sweep.dir={tmp}/multirun")
+    small = train_cli(tmp, "train.epochs=1", "preprocess.image_size=32")
+    client = two_runs["client"]
+    runs = sorted(client.search_runs([client.get_experiment_by_name("medspark-synthetic").experiment_id]),
+                  key=lambda r: r.info.start_time)
+    return two_runs | {"all": runs, "sweep_stdout": sweep.stdout, "small_output": small.stdout + small.stderr}
+
+
+@pytest.mark.slow
+def test_a_sweep_registers_its_best_job_once_and_other_data_gets_its_own_champion(more_runs):
+    client, runs = more_runs["client"], more_runs["all"]
+    r1 = runs[0]
+    parent = next(r for r in runs if r.data.tags.get("medspark.sweep") == "parent")
+    jobs = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    small = runs[-1]
+    assert len(runs) == 6 and len(jobs) == 2 and small.data.params["preprocess.image_size"] == "32"
+    key = r1.data.tags["medspark.data_definition"]
+    assert {r.data.tags["medspark.data_definition"] for r in runs[:2] + jobs} == {key}, "stable across runs"
+    assert small.data.tags["medspark.data_definition"] != key
+
+    # the sweep: its jobs registered nothing; its best job was registered once, after them, and lost to run 1
+    best = parent.data.tags["medspark.best_run_id"]
+    versions = {mv.run_id: str(mv.version) for mv in client.search_model_versions("name = 'medspark-synthetic'")}
+    assert versions == {r1.info.run_id: "1", runs[1].info.run_id: "2", best: "3"}
+    assert all(j.data.tags["medspark.registration"].startswith("not registered: a sweep job") for j in jobs
+               if j.info.run_id != best)
+    assert parent.data.tags["medspark.registration"] == "models:/medspark-synthetic/3"
+    assert parent.data.tags["medspark.champion"] == "kept" and "registered: models:/medspark-synthetic/3" in \
+        more_runs["sweep_stdout"]
+    for name in ("medspark-synthetic", "medspark-synthetic-classifier"):
+        assert client.get_model_version_by_alias(name, "champion").run_id == r1.info.run_id
+
+    # other data: its own name and champion, on both models; the first name's champion did not move
+    other = f"medspark-synthetic-{small.data.tags['medspark.data_definition'][:8]}"
+    assert small.data.tags["medspark.registration"] == f"models:/{other}/1"
+    assert f"registered as {other}, which has its own champion" in more_runs["small_output"]  # one log line
+    for name in (other, f"{other}-classifier"):
+        mv = client.get_model_version_by_alias(name, "champion")
+        assert mv.run_id == small.info.run_id and mv.tags["medspark.input_shape"] == "32x32x1"
+    mv = client.get_model_version_by_alias("medspark-synthetic-classifier", "champion")
+    assert mv.tags["medspark.model_kind"] == "classifier" and mv.tags["medspark.data_definition"] == key
+    assert float(mv.tags["medspark.objective_value"]) == pytest.approx(r1.data.metrics["test_accuracy"])
+    assert mv.tags["medspark.classes"] == r1.data.params["classes"] and mv.tags["medspark.input_shape"] == "64x64x1"
+    assert f"of run {r1.info.run_id}: test_accuracy = " in mv.description
+
+
+@pytest.mark.slow
+def test_predict_on_files_with_the_keras_models_champion_alias(more_runs, tmp_path, capsys):
+    import csv
+    import shutil
+
+    from medspark import predict
+
+    r1 = more_runs["all"][0]
+    images = sorted((more_runs["tmp"] / "work" / "synthetic").rglob("*.png"))[:3]
+    for p in images:
+        shutil.copy(p, tmp_path / p.name)
+    out = tmp_path / "p.csv"
+    assert predict.main(["model=models:/medspark-synthetic@champion", f"input={tmp_path}", f"output={out}",
+                         f"tracking_uri={more_runs['uri']}"]) == 0
+    said = capsys.readouterr().out
+    assert "predicting with the classifier of the same run, models:/medspark-synthetic-classifier@champion" in said
+    rows = list(csv.DictReader(out.open()))
+    assert len(rows) == 3 and all(r["predicted_class"] in r1.data.params["classes"].split(",") for r in rows)

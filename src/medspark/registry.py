@@ -165,8 +165,11 @@ def version_tags(definition: dict, run_id: str, kind: str) -> dict:
 
 def register(client, run_id: str, base: str, definition: dict, sources: dict) -> dict:
     """Both models of run `run_id` (`sources`: {"model": uri, "classifier": uri}) registered under the name of its
-    data definition (name_for) and `<name>-classifier`, tagged. Returns {name, version, classifier_name,
-    classifier_version}."""
+    data definition (name_for) and `<name>-classifier`, tagged. `client` reads and tags the registry; the versions
+    are created by mlflow.register_model (the active registry: the same one), which also links each logged model
+    to its version. Returns {name, version, classifier_name, classifier_version}."""
+    import mlflow
+
     from .tracking import classifier_registered_name
 
     name, note = name_for(client, base, definition["key"])
@@ -176,22 +179,12 @@ def register(client, run_id: str, base: str, definition: dict, sources: dict) ->
     for kind, reg in (("keras", name), ("classifier", classifier_registered_name(name))):
         source = sources["model" if kind == "keras" else "classifier"]
         _ensure(client, reg, definition, kind)
-        model_id = source[len("models:/"):] if re.fullmatch(r"models:/m-[0-9a-f]+", source) else None
-        mv = client.create_model_version(reg, source, run_id=run_id, tags=version_tags(definition, run_id, kind),
-                                         run_link=_run_link(client, run_id), model_id=model_id)
+        mv = mlflow.register_model(source, reg, tags=version_tags(definition, run_id, kind))
+        if str(mv.run_id) != run_id:  # a source outside the run (a path): the version still names its run
+            raise ValueError(f"{source} is not a model of run {run_id}")
         out |= {"name" if kind == "keras" else "classifier_name": reg,
                 "version" if kind == "keras" else "classifier_version": str(mv.version)}
     return out
-
-
-def _run_link(client, run_id: str) -> str | None:
-    """The run's page on a tracking server (None for a local store: the UI links the run by its id anyway)."""
-    from .tracking import is_remote, strip_credentials
-
-    uri = strip_credentials(str(client.tracking_uri))[0] if hasattr(client, "tracking_uri") else ""
-    if not uri.startswith(("http://", "https://")) or not is_remote(uri):
-        return None
-    return f"{uri.rstrip('/')}/#/experiments/{client.get_run(run_id).info.experiment_id}/runs/{run_id}"
 
 
 def register_logged(models, cfg, definition: dict) -> None:
