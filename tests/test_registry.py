@@ -180,6 +180,11 @@ def test_the_alias_moves_on_both_models_and_versions_carry_what_they_were_tested
                                     "medspark.model_kind": kind}.items()
         assert f"of run {r2}: test_accuracy = 0.8 on the test split of data definition {'1' * 16}" in mv.description
     assert client.get_registered_model("both").tags["medspark.data_definition"] == "1" * 16
+    r4, g4 = registered_run(client, "both", definition("1" * 16), 0.9)  # champion_alias null: described, no alias
+    d = registry.promote_registered(client, {"champion_alias": None}, r4, g4, definition("1" * 16), "test_accuracy",
+                                    0.9)
+    assert d == {"decision": "skipped", "reason": "tracking.champion_alias is null"} and champion(client, "both") == "2"
+    assert client.get_model_version("both", g4["version"]).tags["medspark.objective_value"] == "0.9"
 
 
 def test_another_data_definition_registers_under_its_own_name_with_its_own_champion(client, caplog):
@@ -281,7 +286,8 @@ def test_image_folder_datasets_are_named_after_their_root(tmp_path):
     def name(*overrides):
         return registry.base_name(compose_project_config([f"paths.work_dir={tmp_path}", *overrides]))
 
-    assert name("dataset=image_folder", "dataset.root=/data/Brain Tumor MRI/") == "medspark-image_folder-brain-tumor-mri"
+    assert name("dataset=image_folder", "dataset.root=/data/Brain Tumor MRI/") == \
+        "medspark-image_folder-brain-tumor-mri"
     assert name("dataset=image_folder", "dataset.root=/data/yes_no") == "medspark-image_folder-yes-no"
     assert name("dataset=image_folder", "dataset.root=/d/x", "tracking.registered_model=tumours") == "tumours"
     assert name() == "medspark-synthetic" and name("tracking.registered_model=null") is None

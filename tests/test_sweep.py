@@ -143,7 +143,8 @@ def test_a_finished_sweep_registers_its_best_job_once_and_offers_it_to_the_champ
         assert client.get_model_version_by_alias(name, "champion").run_id == jobs["0.0003"]
         assert versions[0].tags["medspark.data_definition"] == "f" * 16
     parent = client.get_run(cb.parent_id).data.tags
-    assert parent["medspark.registration"] == "models:/medspark-synthetic/1" and parent["medspark.champion"] == "promoted"
+    assert parent["medspark.registration"] == "models:/medspark-synthetic/1"
+    assert parent["medspark.champion"] == "promoted"
     best = client.get_run(jobs["0.0003"]).data.tags
     assert best["medspark.registration"] == "models:/medspark-synthetic/1" and best["medspark.champion"] == "promoted"
     assert "medspark.registration" not in client.get_run(jobs["0.001"]).data.tags

@@ -180,8 +180,6 @@ def register(client, run_id: str, base: str, definition: dict, sources: dict) ->
         source = sources["model" if kind == "keras" else "classifier"]
         _ensure(client, reg, definition, kind)
         mv = mlflow.register_model(source, reg, tags=version_tags(definition, run_id, kind))
-        if str(mv.run_id) != run_id:  # a source outside the run (a path): the version still names its run
-            raise ValueError(f"{source} is not a model of run {run_id}")
         out |= {"name" if kind == "keras" else "classifier_name": reg,
                 "version" if kind == "keras" else "classifier_version": str(mv.version)}
     return out
@@ -247,11 +245,10 @@ def promote(tracking, models, metric: str, value: float, client=None) -> dict:
 
     keras_info, classifier_info = models
     name, version = getattr(keras_info, "registered_model_name", None), keras_info.registered_model_version
-    if not tracking.get("champion_alias"):
-        return {"decision": "skipped", "reason": "tracking.champion_alias is null"}
     if not name or version is None:
         why = getattr(keras_info, "registration", "") or "the model was not registered"
-        return {"decision": "skipped", "reason": why.removeprefix("not registered: ")}
+        return {"decision": "skipped", "reason": "tracking.champion_alias is null" if not tracking.get(
+            "champion_alias") else why.removeprefix("not registered: ")}
     client = client or MlflowClient()
     got = {"name": name, "version": str(version), "classifier_name": classifier_info.registered_model_name,
            "classifier_version": str(classifier_info.registered_model_version)}
