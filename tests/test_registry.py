@@ -319,8 +319,8 @@ SMALL = ["dataset.generate.per_class=60", "dataset.generate.size=64", "preproces
          "train.batch_size=16", "cluster.cores=2"]
 
 
-def train_cli(tmp, *overrides, timeout=900):
-    res = subprocess.run([sys.executable, "-m", "medspark.train", *SMALL, f"paths.work_dir={tmp}/work",
+def train_cli(tmp, *overrides, timeout=900, multirun=False):
+    res = subprocess.run([sys.executable, "-m", "medspark.train", *(["-m"] if multirun else []), *SMALL, f"paths.work_dir={tmp}/work",
                           f"tracking.uri=sqlite:///{tmp}/mlruns.db", f"hydra.run.dir={tmp}/hydra", *overrides],
                          cwd=tmp, capture_output=True, text=True, timeout=timeout)
     assert res.returncode == 0, res.stderr[-4000:]
@@ -391,7 +391,7 @@ def more_runs(two_runs):
     """In the same store, after the two runs: a 2-job sweep on the same data (1 epoch, lr 1e-6 and 1e-5: worse
     than run 1), then one run on other data (32 px: another input shape, so another data definition)."""
     tmp = two_runs["tmp"]
-    sweep = train_cli(tmp, "-m", "train.epochs=1", "train.lr=1e-6,1e-5", f"hydra.sweep.dir={tmp}/multirun")
+    sweep = train_cli(tmp, "train.epochs=1", "train.lr=1e-6,1e-5", f"hydra.sweep.dir={tmp}/multirun", multirun=True)
     small = train_cli(tmp, "train.epochs=1", "preprocess.image_size=32")
     client = two_runs["client"]
     runs = sorted(client.search_runs([client.get_experiment_by_name("medspark-synthetic").experiment_id]),
