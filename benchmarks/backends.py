@@ -29,7 +29,7 @@ def run_all(args, extra: list[str], env: dict | None = None) -> list[str]:
     for backend in args.backends:
         cmd = [sys.executable, "-m", "medspark.train", f"backend={backend}", f"train.epochs={args.epochs}",
                "train.early_stopping.patience=0", f"tracking.uri={args.uri}", f"tracking.experiment={EXPERIMENT}",
-               f"tracking.run_name=bench-{backend}", *extra]
+               f"tracking.run_name=bench-{backend}", "tracking.register=never", *extra]  # never the production name
         print(f"\n### {backend}: {' '.join(cmd[3:])}", flush=True)
         t = time.perf_counter()
         if subprocess.run(cmd, cwd=ROOT, env=env).returncode:

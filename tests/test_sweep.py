@@ -109,6 +109,45 @@ def test_a_sweep_that_stops_early_still_gets_its_summary_and_fails(tmp_path, cle
     assert "`train.lr=0.001`" in md and "`train.lr=0.0003`" in md and "FAILED" in md and "**0.7500**" in md
     assert run.data.params["sweep_params"] == "train.lr=1e-3,3e-4" and run.info.run_name == "sweep train.lr=1e-3,3e-4"
     assert tracking.PARENT_RUN_ENV not in os.environ
+    assert run.data.tags["medspark.registration"] == "not registered: the sweep did not finish (FAILED): nothing " \
+                                                     "registered"
+    assert not mlflow.MlflowClient().search_registered_models()
+
+
+def test_a_finished_sweep_registers_its_best_job_once_and_offers_it_to_the_champion(tmp_path, clean_env):
+    """tracking.register=auto: the jobs register nothing (registry.not_registering); on_multirun_end registers the
+    best job's two logged models, under the name and data definition the job recorded, and moves the alias on both."""
+    from medspark import registry
+
+    cfg = hydra_cfg(tmp_path)
+    OmegaConf.set_readonly(cfg.hydra, False)
+    cfg.hydra.overrides.task.append("train.lr=1e-3,3e-4")
+    cb = MlflowSweep()
+    cb.on_multirun_start(cfg)
+    jobs = {}
+    for lr, accuracy in (("0.001", 0.6), ("0.0003", 0.8)):
+        configure(tmp_path)
+        with tracking.run(f"job-{lr}", {"medspark.overrides": f"train.lr={lr}"}) as run:
+            mlflow.log_metrics({"test_accuracy": accuracy, "train_seconds": 3.0})
+            registry.record_definition({"key": "f" * 16, "fingerprint": "fp", "classes": "a,b,c,d",
+                                        "task": "multiclass", "input_shape": "48x48x1", "test_n": "24"},
+                                       "medspark-synthetic")
+            for name in ("model", "classifier"):  # the two logged models a job has (their files are not needed)
+                mlflow.initialize_logged_model(name=name, source_run_id=run.info.run_id)
+        jobs[lr] = run.info.run_id
+    cb.on_multirun_end(cfg)
+    client = mlflow.MlflowClient()
+    for name in ("medspark-synthetic", "medspark-synthetic-classifier"):
+        versions = client.search_model_versions(f"name = '{name}'")
+        assert [(v.version, v.run_id) for v in versions] == [(1, jobs["0.0003"])], "the best job, once"
+        assert client.get_model_version_by_alias(name, "champion").run_id == jobs["0.0003"]
+        assert versions[0].tags["medspark.data_definition"] == "f" * 16
+    parent = client.get_run(cb.parent_id).data.tags
+    assert parent["medspark.registration"] == "models:/medspark-synthetic/1"
+    assert parent["medspark.champion"] == "promoted"
+    best = client.get_run(jobs["0.0003"]).data.tags
+    assert best["medspark.registration"] == "models:/medspark-synthetic/1" and best["medspark.champion"] == "promoted"
+    assert "medspark.registration" not in client.get_run(jobs["0.001"]).data.tags
 
 
 def sweep(tmp_path, *launcher):

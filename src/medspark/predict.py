@@ -3,8 +3,10 @@
     medspark predict model=models:/medspark-synthetic-classifier/1 input=scans/ [output=predictions.csv]
                      [spark=false] [cores=*] [batch_size=64] [tracking_uri=...]
 
-model   an MLflow URI of a packaged classifier (the run's `classifier`, see medspark.serving): models:/name/1,
-        models:/name@alias, runs:/<run id>/classifier, or a local model folder
+model   an MLflow URI of a packaged classifier (the run's `classifier`, see medspark.serving):
+        models:/<name>-classifier@champion, models:/<name>-classifier/1, runs:/<run id>/classifier, or a local
+        model folder; the registered Keras model (models:/<name>@champion, models:/<name>/1) stands for the
+        classifier registered by the same run
 input   an image file, or a folder read recursively (names starting with `.` or `_` are skipped, as Spark's
         file reader does, so both modes see the same files)
 output  the CSV: path, predicted_class, prob_<class>..., error (one row per file, sorted by path; a file that
@@ -37,7 +39,8 @@ log = logging.getLogger("medspark.predict")
 KEYS = {"model": None, "input": None, "output": "predictions.csv", "spark": "false", "cores": "*",
         "batch_size": "64", "tracking_uri": None}
 REQUIRED = ("model", "input")
-USAGE = ("usage: medspark predict model=<models:/name/version | runs:/id/classifier | folder> input=<file or folder> "
+USAGE = ("usage: medspark predict model=<models:/name@champion | models:/name/version | runs:/id/classifier | folder> "
+         "input=<file or folder> "
          "[output=predictions.csv] [spark=true|false] [cores=*] [batch_size=64] [tracking_uri=...]")
 TRUE, FALSE = {"true", "1", "yes", "on"}, {"false", "0", "no", "off"}
 
@@ -118,8 +121,40 @@ def check_classifier(metadata, model_uri: str):
     answers = {answer_column("multiclass"), answer_column("multilabel")}
     if outputs is None or not answers & set(outputs.input_names()):
         raise ArgError(f"model={model_uri} is not a medspark classifier (it takes arrays, not image files); use the "
-                       "run's `classifier` model: models:/<tracking.registered_model>-classifier/<version>")
+                       "run's `classifier` model: models:/<registered name>-classifier@champion (or /<version>)")
     return outputs
+
+
+REGISTERED = re.compile(r"models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))/?")
+
+
+def classifier_uri(model_uri: str) -> str:
+    """The classifier to predict with: `model_uri` itself, or for a registered Keras model (models:/<name>@alias,
+    models:/<name>/<version>) the classifier the same run registered as `<name>-classifier`
+    (the same alias when it points at that run's version, as the champion does, else that version)."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from .tracking import classifier_registered_name
+
+    m = REGISTERED.fullmatch(model_uri)
+    if not m or m["name"].endswith("-classifier"):
+        return model_uri
+    client, name = MlflowClient(), classifier_registered_name(m["name"])
+    try:
+        keras = (client.get_model_version_by_alias(m["name"], m["alias"]) if m["alias"] else
+                 client.get_model_version(m["name"], m["version"]))
+        found = client.search_model_versions(f"name = '{name}' and run_id = '{keras.run_id}'")
+        if not found:
+            return model_uri  # not a medspark Keras model: check_classifier says what to pass
+        held = client.get_registered_model(name).aliases.get(m["alias"]) if m["alias"] else None
+    except MlflowException:
+        return model_uri  # no such model or alias: loading it gives MLflow's own (first-line) error
+    version = max(int(v.version) for v in found)
+    uri = f"models:/{name}@{m['alias']}" if held is not None and int(held) == version else f"models:/{name}/{version}"
+    print(f"medspark predict: {model_uri} is the Keras model (arrays in); predicting with the classifier of the "
+          f"same run, {uri}", flush=True)
+    return uri
 
 
 # -- the two ways to predict ---------------------------------------------------------------------------------
@@ -270,6 +305,7 @@ def run(opts) -> "pd.DataFrame":  # noqa: F821
     files = list_files(opts["input"])
     if not files:
         raise ArgError(f"input={opts['input']}: no files to predict (names starting with . or _ are skipped)")
+    opts["model"] = classifier_uri(opts["model"])
     if opts["spark"]:
         spark = spark_session(opts["cores"], opts["batch_size"])
         try:

@@ -11,8 +11,10 @@ inherit it (in-process with the basic launcher, as worker processes with joblib)
 each job's run a child (tag mlflow.parentRunId) in the parent's experiment. on_multirun_end reads the children
 back from MLflow and logs on the parent: sweep_summary.md (job overrides, objective, train_seconds, wall
 seconds, status), sweep_summary.png (objective and wall time per job), sweep_summary.json, the best objective
-as metric best_<objective> and the best run as tag medspark.best_run_id. A sweep that stops early (a failed
-job with the basic sweeper, Ctrl-C) still gets its summary, from an exit hook, and the parent ends FAILED.
+as metric best_<objective> and the best run as tag medspark.best_run_id. With tracking.register=auto (the
+default) the jobs register nothing and the finished sweep registers its best job, once, and offers it to the
+champion (medspark.registry). A sweep that stops early (a failed job with the basic sweeper, Ctrl-C) still gets
+its summary, from an exit hook, and the parent ends FAILED (and registers nothing).
 """
 from __future__ import annotations
 
@@ -78,7 +80,9 @@ class MlflowSweep(Callback):
         self.parent_id = run.info.run_id
         self.state = {"experiment_id": run.info.experiment_id, "objective": str(config.train.objective),
                       "direction": direction(config), "started": time.time(), "done": False,
-                      "uri": mlflow.get_tracking_uri()}
+                      "uri": mlflow.get_tracking_uri(),
+                      "tracking": {k: OmegaConf.select(config, f"tracking.{k}") for k in (
+                          "register", "registered_model", "champion_alias", "champion_mode")}}
         client.log_batch(self.parent_id, params=[
             Param(k, str(v)[:6000]) for k, v in {
                 "sweep_overrides": " ".join(overrides) or "(none)", "sweep_params": " ".join(swept) or "(none)",
@@ -144,13 +148,44 @@ class MlflowSweep(Callback):
                 files.append(Path(tmp) / f"{SUMMARY}.png")
             for f in files:
                 client.log_artifact(self.parent_id, str(f))
+        champion = self.register_best(client, status, best, objective)
         client.set_terminated(self.parent_id, status)
         print(f"\n=== medspark sweep {status.lower()}: {len(rows)} jobs, parent run {self.parent_id} ===\n{md}",
               flush=True)
         if best:
             print(f"best {objective} = {best['objective']:.4f}: job {best['job']} ({best['overrides']}), "
                   f"run {best['run_id']}", flush=True)
-        return {"rows": rows, "best": best}
+        if champion:
+            print(f"registered: {champion.get('registration', 'no')}; champion {champion.get('champion_uri', '')} "
+                  f"{champion['decision']} ({champion['reason']})", flush=True)
+        return {"rows": rows, "best": best, "champion": champion}
+
+    def register_best(self, client, status: str, best: dict | None, objective: str) -> dict | None:
+        """tracking.register=auto: the jobs registered nothing; a finished sweep registers its best job, once, and
+        offers it to the champion (medspark.registry.register_run). The decision goes on the parent run as tags
+        medspark.registration and medspark.champion. None when there is nothing to do (always, never, no name)."""
+        from mlflow.entities import RunTag
+
+        from . import registry
+
+        tracking = self.state.get("tracking") or {}
+        if (tracking.get("register") or "auto") != "auto" or not tracking.get("registered_model"):
+            return None
+        if not best or status != "FINISHED":
+            decision = {"decision": "skipped", "reason": "no finished job with a finite objective" if not best else
+                        f"the sweep did not finish ({status}): nothing registered"}
+        else:
+            from mlflow.exceptions import MlflowException
+
+            try:
+                decision = registry.register_run(client, best["run_id"], tracking, objective, best["objective"])
+            except MlflowException as e:  # the sweep's results stand; only the registration failed
+                log.warning("could not register the best job's models: %s", e)
+                decision = {"decision": "error", "reason": f"{type(e).__name__}: {e}"[:500]}
+        tags = {"medspark.registration": decision.get("registration", f"not registered: {decision['reason']}"),
+                registry.TAG: decision["decision"], f"{registry.TAG}.reason": decision["reason"]}
+        client.log_batch(self.parent_id, tags=[RunTag(k, str(v)[:5000]) for k, v in tags.items()])
+        return decision
 
 
 def swept_overrides(config: DictConfig) -> list[str]:

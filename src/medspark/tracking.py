@@ -165,6 +165,9 @@ def configure(tracking) -> str:
     mode = tracking.get("champion_mode") or "max"
     if mode not in ("max", "min"):
         raise ConfigError(f"tracking.champion_mode={mode} must be max (higher is better) or min (lower is better)")
+    from .registry import check_register
+
+    check_register(tracking)  # tracking.register: auto | always | never
     uri, credentials = strip_credentials(str(tracking.uri))
     os.environ.update(credentials)  # MLflow's own variables: nothing prints or logs them
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")  # a server gone mid-run: fail in about a minute,
@@ -448,28 +451,35 @@ def log_classifier(model, preprocess, classes, example_images, registered_name: 
                              task=task, thresholds=thresholds)
 
 
-def model_uri(info, registered_name: str | None) -> str:
-    """`models:/<name>/<version>` for a registered model, else the logged model's own URI."""
-    if registered_name and info.registered_model_version:
-        return f"models:/{registered_name}/{info.registered_model_version}"
+def model_uri(info, registered_name: str | None = None) -> str:
+    """`models:/<name>/<version>` for a registered model (the name it was registered under, see
+    registry.register_logged; else `registered_name`), else the logged model's own URI."""
+    name = getattr(info, "registered_model_name", None) or registered_name
+    if name and info.registered_model_version:
+        return f"models:/{name}/{info.registered_model_version}"
     return info.model_uri
 
 
 def log_models(model, data, cfg, thresholds=None):
     """Both models of a training run, with two test images as input example: `model` (Keras) and `classifier`
-    (medspark.serving, with the dataset's task and, multilabel, `thresholds` {finding: t}); registered when
-    tracking.registered_model is set. Returns their (model, classifier) infos."""
+    (medspark.serving, with the dataset's task and, multilabel, `thresholds` {finding: t}); the run tagged with its
+    data definition, and both models registered under its name when this run registers (medspark.registry:
+    tracking.registered_model, tracking.register). Returns their (model, classifier) infos."""
     from omegaconf import OmegaConf
 
+    from . import registry
     from .data import loader
     from .data.preprocess import PreprocessConfig
 
-    name = cfg.tracking.get("registered_model")
+    definition = registry.data_definition(data)
+    registry.record_definition(definition, registry.base_name(cfg))
     example, _ = loader.read_arrays(data.split_url("test"), limit=2)
-    info = log_model(model, example.astype("float32"), name)
+    info = log_model(model, example.astype("float32"), None)
     pre = PreprocessConfig.from_mapping(OmegaConf.to_container(cfg.preprocess))
     serving_cfg = OmegaConf.to_container(cfg.serving) if cfg.get("serving") else None
-    return info, log_classifier(model, pre, data.classes, example, name, serving_cfg, data.task, thresholds)
+    models = info, log_classifier(model, pre, data.classes, example, None, serving_cfg, data.task, thresholds)
+    registry.register_logged(models, cfg, definition)
+    return models
 
 
 SUMMARY_TEST = ("test_accuracy", "test_macro_f1", "test_roc_auc_ovr", "test_n")  # the summary's headline metrics

@@ -55,7 +55,7 @@ def train(cfg: DictConfig, overrides: list[str] | tuple = (), spark=None) -> flo
         key = objective_metric(cfg.train.objective, data.task)
         mlflow.set_tag(OBJECTIVE_TAG, key)
         objective = float(metrics.get(key, float("nan")))
-        champion = registry.promote(cfg.tracking, models[0], key, objective)
+        champion = registry.promote(cfg.tracking, models, key, objective)  # both models' alias together
         summary = tracking.run_summary(cfg, stage.run, models, metrics, result, speed, timings, champion, key)
         mlflow.log_dict(summary, "summary.json")
     tracking.print_summary(summary, cfg.tracking.uri)
