@@ -190,10 +190,18 @@ def native_lines_worth_showing(text: str, gpu: bool) -> list[str]:
 
 # ---------------------------------------------------------------- errors
 
+def log_to_files(level: int, message: str) -> None:
+    """A `medspark` log record for the log files only (the Hydra job's `<job>.log`), not the console."""
+    record = logging.getLogger("medspark").makeRecord("medspark", level, __file__, 0, message, None, None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
+
+
 @contextmanager
 def command_errors(stopped_hint: str = ""):
     """What a command's main does with the errors a user can fix: a bad config or dataset is one line on stderr
-    and exit status 2; a SIGTERM (the run already ended KILLED) is one line and exit status 143."""
+    (once: the log file gets it too, the console's log handler does not) and exit status 2; a SIGTERM (the run already ended KILLED) is one line and exit status 143."""
     from .config import ConfigError
     from .data.sources import DatasetError
     from .interrupts import EXIT_CODE as TERMINATED_EXIT, Terminated
@@ -201,7 +209,7 @@ def command_errors(stopped_hint: str = ""):
     try:
         yield
     except (ConfigError, DatasetError, FileNotFoundError) as e:
-        logging.getLogger("medspark").error("%s", e)
+        log_to_files(logging.ERROR, str(e))  # the job's log file has it; the console shows it once, on stderr
         print(f"medspark: error: {e}", file=sys.stderr)
         sys.exit(2)
     except Terminated as e:
