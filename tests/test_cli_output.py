@@ -59,6 +59,15 @@ def test_cfg_job_is_resolved_unless_asked_otherwise(tmp_path):
     assert raw.returncode == 0 and "${paths.work_dir}" in raw.stdout
 
 
+def test_only_the_job_config_is_resolved_by_default():
+    assert cli.resolve_cfg_by_default(["--cfg", "job", "x=1"]) == ["--cfg", "job", "x=1", "--resolve"]
+    assert cli.resolve_cfg_by_default(["-c", "all"]) == ["-c", "all", "--resolve"]
+    assert cli.resolve_cfg_by_default(["--cfg", "hydra"]) == ["--cfg", "hydra"]  # cannot resolve outside a job
+    assert cli.resolve_cfg_by_default(["--cfg", "job", "--unresolved"]) == ["--cfg", "job"]
+    assert cli.resolve_cfg_by_default(["--cfg", "job", "--resolve"]) == ["--cfg", "job", "--resolve"]
+    assert cli.resolve_cfg_by_default(["train.epochs=2"]) == ["train.epochs=2"]
+
+
 @pytest.mark.parametrize("args, says", [
     (["train.epoch=2"], "train.epoch is not a setting; did you mean train.epochs?"),
     (["preprocess.imagesize=64"], "preprocess.imagesize is not a setting; did you mean preprocess.image_size?"),

@@ -110,11 +110,14 @@ def exit_on_help(argv: list[str]) -> None:
 
 
 def resolve_cfg_by_default(argv: list[str]) -> list[str]:
-    """`--cfg job` (`-c`) prints the config resolved (Hydra's --resolve) unless `--unresolved` asks for it as
-    written (the `${...}` interpolations)."""
+    """`--cfg job` (`-c job`, `--cfg all`) prints the config resolved (Hydra's --resolve) unless `--unresolved`
+    asks for it as written (the `${...}` interpolations). `--cfg hydra` stays as written (it cannot resolve
+    outside a job)."""
     if "--unresolved" in argv:
         return [a for a in argv if a != "--unresolved"]
-    if any(a in ("--cfg", "-c") or a.startswith("--cfg=") for a in argv) and "--resolve" not in argv:
+    shown = [b for a, b in zip(argv, argv[1:]) if a in ("--cfg", "-c")] + \
+        [a.split("=", 1)[1] for a in argv if a.startswith("--cfg=")]
+    if shown and all(s in ("job", "all") for s in shown) and "--resolve" not in argv:  # hydra's own node: as is
         return [*argv, "--resolve"]
     return argv
 
