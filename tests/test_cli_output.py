@@ -131,7 +131,8 @@ def test_a_sweep_job_is_named_by_what_its_sweep_varies(cfg, store):
     client = mlflow.MlflowClient()
     exp = mlflow.get_experiment_by_name("medspark-synthetic").experiment_id
     parent = client.create_run(exp, tags={"medspark.sweep": "parent"})
-    client.log_param(parent.info.run_id, "sweep_params", "train.lr=tag(log, interval(1e-4, 3e-3)) model=small_cnn,dense")
+    client.log_param(parent.info.run_id, "sweep_params",
+                     "train.lr=tag(log, interval(1e-4, 3e-3)) model=small_cnn,dense")
     store.setenv(tracking.PARENT_RUN_ENV, parent.info.run_id)
     job = ["dataset.generate.per_class=40", "train.epochs=2", "train.lr=0.00123456", "model=dense"]
     assert tracking.run_name(cfg, job) == "small_cnn-single-lr0.00123"  # (cfg.model.name is the job's model)
@@ -139,7 +140,8 @@ def test_a_sweep_job_is_named_by_what_its_sweep_varies(cfg, store):
 
 def materialized(url="file:///tmp/x/petastorm/synthetic/0123456789abcdef",
                  classes=("glioma", "meningioma", "notumor", "pituitary"), **kw):
-    return Materialized(url=url, fingerprint="0123456789abcdef", classes=list(classes), shape=(32, 32, 1), sizes={"train": 56, "val": 12, "test": 12}, per_class={}, listed=81,
+    return Materialized(url=url, fingerprint="0123456789abcdef", classes=list(classes), shape=(32, 32, 1),
+                        sizes={"train": 56, "val": 12, "test": 12}, per_class={}, listed=81,
                         accepted=80, rejected=[("x.png", "unreadable")], duplicate_groups=0, duplicate_files=0,
                         label_conflicts=0, moved_to_test=0, seconds={}, **kw)
 
@@ -147,7 +149,8 @@ def materialized(url="file:///tmp/x/petastorm/synthetic/0123456789abcdef",
 def test_the_description_says_dataset_task_objective_and_data_size(cfg):
     text = tracking.describe_run(cfg, materialized(), "test_accuracy", ["train.lr=3e-3", "db.password=hunter2"])
     assert "dataset `synthetic`: multiclass, 4 classes (glioma, meningioma, notumor, pituitary)" in text
-    assert "Objective: test_accuracy" in text and "56 train / 12 val / 12 test images (80 of 81 listed accepted)" in text
+    assert "Objective: test_accuracy" in text
+    assert "56 train / 12 val / 12 test images (80 of 81 listed accepted)" in text
     assert "fingerprint 0123456789abcdef" in text and "train.lr=3e-3" in text and "hunter2" not in text
     many = materialized(classes=[f"finding{i}" for i in range(14)], task="multilabel")
     assert "multilabel, 14 findings (finding0," in tracking.describe_run(cfg, many, "test_mean_auc") and \

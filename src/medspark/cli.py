@@ -59,7 +59,8 @@ def help_text() -> str:
             mark = "*" if defaults.get(group) == option else " "
             text = f"    {mark}{option:<27} {option_description(Path(config_dir()) / group / f'{option}.yaml')}"
             lines.append(text if len(text) <= width else text[:width - 3] + "...")
-    lines += ["", "settings: any key of the composed config, e.g. train.epochs=20 train.lr=3e-4 preprocess.image_size=96",
+    lines += ["", "settings: any key of the composed config, e.g. train.epochs=20 train.lr=3e-4 "
+              "preprocess.image_size=96",
               "  (medspark --cfg job lists them with their values; a misspelled key is one line with a suggestion)",
               "", f"docs: {', '.join(DOCS)} in {project_root()}"]
     return "\n".join(lines) + "\n"
@@ -204,7 +205,8 @@ def log_to_files(level: int, message: str) -> None:
 @contextmanager
 def command_errors(stopped_hint: str = ""):
     """What a command's main does with the errors a user can fix: a bad config or dataset is one line on stderr
-    (once: the log file gets it too, the console's log handler does not) and exit status 2; a SIGTERM (the run already ended KILLED) is one line and exit status 143."""
+    (once: the log file gets it too, the console's log handler does not) and exit status 2; a SIGTERM (the run
+    already ended KILLED) is one line and exit status 143."""
     from .config import ConfigError
     from .data.sources import DatasetError
     from .interrupts import EXIT_CODE as TERMINATED_EXIT, Terminated

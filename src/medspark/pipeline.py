@@ -42,8 +42,9 @@ class DataStage:
 def data_run(cfg: DictConfig, overrides=(), spark=None, *, run_name: str | None, tags: dict, app_name: str):
     """The opening every entry point shares (training, `preprocess_only`): check the config, point MLflow at the
     store, start the run (ended FINISHED, FAILED or KILLED by tracking.run) with the resolved config, list the
-    dataset, and materialize it on Spark (run_name None: tracking.run_name, made from the overrides): `spark`, or a session of `cfg.cluster` started here and stopped on
-    leaving (or earlier, `stage.stop_spark()`). Yields a DataStage."""
+    dataset, and materialize it on Spark: `spark`, or a session of `cfg.cluster` started here and stopped on
+    leaving (or earlier, `stage.stop_spark()`). Yields a DataStage. run_name None: tracking.run_name, made from
+    the overrides."""
     check(cfg)
     tracking.configure(cfg.tracking)
     with tracking.run(run_name or tracking.run_name(cfg, overrides), tags) as run:
