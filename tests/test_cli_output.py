@@ -107,7 +107,7 @@ def cfg():
 
 @pytest.fixture
 def store(tmp_path, monkeypatch):
-    for k in ("MLFLOW_RUN_ID", tracking.PARENT_RUN_ENV):
+    for k in ("MLFLOW_RUN_ID", tracking.PARENT_RUN_ENV, tracking.SWEEP_PARAMS_ENV):
         monkeypatch.delenv(k, raising=False)
     tracking.configure(OmegaConf.create({"uri": f"sqlite:///{tmp_path}/mlruns.db", "experiment": "medspark-synthetic",
                                          "artifact_location": str(tmp_path / "artifacts")}))
@@ -116,6 +116,7 @@ def store(tmp_path, monkeypatch):
 
 def test_run_name_is_model_backend_and_what_differs(cfg, monkeypatch):
     monkeypatch.delenv(tracking.PARENT_RUN_ENV, raising=False)
+    monkeypatch.setenv(tracking.SWEEP_PARAMS_ENV, "train.lr=1e-3,3e-4")  # not in a sweep: ignored
     assert tracking.run_name(cfg) == "small_cnn-single"
     assert tracking.run_name(cfg, ["train.lr=3e-3"]) == "small_cnn-single-lr3e-3"
     name = tracking.run_name(cfg, ["model=small_cnn", "dataset=brain_mri", "dataset.root=/data/scans/brain-mri/",
@@ -136,6 +137,8 @@ def test_a_sweep_job_is_named_by_what_its_sweep_varies(cfg, store):
     store.setenv(tracking.PARENT_RUN_ENV, parent.info.run_id)
     job = ["dataset.generate.per_class=40", "train.epochs=2", "train.lr=0.00123456", "model=dense"]
     assert tracking.run_name(cfg, job) == "small_cnn-single-lr0.00123"  # (cfg.model.name is the job's model)
+    store.setenv(tracking.SWEEP_PARAMS_ENV, "train.epochs=2,4")  # what medspark.sweep exports: read first
+    assert tracking.run_name(cfg, job) == "small_cnn-single-epochs2"
 
 
 def materialized(url="file:///tmp/x/petastorm/synthetic/0123456789abcdef",

@@ -209,6 +209,7 @@ def artifact_location(uri: str, configured: str | None) -> str | None:
 
 
 PARENT_RUN_ENV = "MEDSPARK_PARENT_RUN_ID"  # set by medspark.sweep (and benchmarks/backends.py) for their jobs
+SWEEP_PARAMS_ENV = "MEDSPARK_SWEEP_PARAMS"  # set by medspark.sweep for its jobs: its `sweep_params` (run names)
 
 
 @contextmanager
@@ -264,7 +265,7 @@ def run_name(cfg, overrides=()) -> str:
     named by the overrides its sweep varies (its parent's `sweep_params`), so sibling jobs differ at a glance."""
     if cfg.tracking.get("run_name"):
         return str(cfg.tracking.run_name)
-    swept = sweep_keys(os.environ.get(PARENT_RUN_ENV))
+    swept = sweep_keys(os.environ.get(PARENT_RUN_ENV), os.environ.get(SWEEP_PARAMS_ENV))
     parts = [f"{cfg.model.name}-{cfg.backend.name}"]
     for override in overrides:
         key, sep, value = str(override).partition("=")
@@ -294,19 +295,20 @@ def _short_value(value: str) -> str:
     return re.sub(r"[\s,\[\]{}()]+", "_", value)[:24]
 
 
-def sweep_keys(parent_id: str | None) -> set[str] | None:
-    """The keys a sweep varies, read from its parent run's `sweep_params`; None outside a sweep (or when the
-    parent is not readable: the job is then named by all its overrides)."""
+def sweep_keys(parent_id: str | None, swept: str | None = None) -> set[str] | None:
+    """The keys a sweep varies: from `swept` ($MEDSPARK_SWEEP_PARAMS, which medspark.sweep exports), else read
+    from the parent run's `sweep_params` (a parent made by another tool, e.g. benchmarks/backends.py); None outside
+    a sweep (or when the parent is not readable: the job is then named by all its overrides)."""
     if not parent_id:
         return None
-    import mlflow
-    from mlflow.exceptions import MlflowException
+    if swept is None:
+        import mlflow
+        from mlflow.exceptions import MlflowException
 
-    try:
-        params = mlflow.MlflowClient().get_run(parent_id).data.params
-    except MlflowException:
-        return None
-    swept = params.get("sweep_params")
+        try:
+            swept = mlflow.MlflowClient().get_run(parent_id).data.params.get("sweep_params")
+        except MlflowException:
+            return None
     if not swept or swept == "(none)":
         return None
     return {k.lstrip("+") for k in SWEEP_KEY.findall(swept)}
