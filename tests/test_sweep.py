@@ -168,6 +168,8 @@ def sweep(tmp_path, *launcher):
     assert len(children) == 2 and all(c.info.status == "FINISHED" for c in children)
     assert sorted(c.data.params["train.lr"] for c in children) == ["0.0003", "0.001"]
     assert sorted(c.data.tags["medspark.job"] for c in children) == ["0", "1"]
+    # named by what the sweep varies (tracking.run_name), not by the overrides every job shares
+    assert sorted(c.info.run_name for c in children) == ["small_cnn-single-lr0.0003", "small_cnn-single-lr0.001"]
     assert parent.info.status == "FINISHED" and parent.info.run_id in res.stdout
     return parent, children, res.stdout
 

@@ -5,10 +5,13 @@
     medspark compare --filter "params.model.name = 'small_cnn' and tags.medspark.backend != 'single'"
     medspark compare --uri http://mlflow.internal:5000 --metrics test_macro_f1,epochs_run --format csv
 
-Columns: run id, run name, status, model, backend, the params whose values differ between the listed runs
-(paths, tracking settings and the override string left out), the sort metric, then the metrics asked for
-(default: train_seconds, train_images_per_second, speedup_vs_single; a column only when some run has it).
-Defaults (store, experiment, objective) come from conf/config.yaml, as training resolves them.
+Columns: run name, then what differs between the listed runs (model and backend when they do, then the params
+whose values differ; paths, tracking settings and the override string left out), the sort metric, the metrics
+asked for (default: train_seconds, train_images_per_second, speedup_vs_single; a column only when some run has
+it), status and run id. Markdown rounds numbers (4 significant digits for params, 4 decimals for metrics); csv
+keeps them exact. The parent run of a sweep (tag medspark.sweep=parent: a summary of its jobs, not a training
+run) is left out unless --all. Defaults (store, experiment, objective) come from conf/config.yaml, as training
+resolves them.
 """
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ import sys
 DEFAULT_METRICS = ("train_seconds", "train_images_per_second", "speedup_vs_single")
 NOISE = ("overrides", "data_url", "data_fingerprint", "classes", "paths.", "tracking.", "hydra.")  # never "key"
 PARAM_ORDER = ("train.", "model.", "backend.", "backend_", "preprocess.", "dataset.", "split.", "cluster.")
+SWEEP_TAG = "medspark.sweep"  # "parent" on a sweep's parent run (medspark.sweep)
 MAX_PARAM_COLUMNS = 10  # markdown only; csv gets every differing param
 RETRIES = "MLFLOW_HTTP_REQUEST_MAX_RETRIES"
 
@@ -51,6 +55,7 @@ def parser() -> argparse.ArgumentParser:
                                      f"(default: {','.join(DEFAULT_METRICS)} where present)")
     p.add_argument("--limit", type=int, default=50, help="at most this many runs (default 50)")
     p.add_argument("--format", choices=("markdown", "csv"), default="markdown")
+    p.add_argument("--all", action="store_true", help="also list the parent runs of sweeps (left out by default)")
     p.add_argument("--all-params", action="store_true", help="show every param that differs (markdown caps at "
                                                              f"{MAX_PARAM_COLUMNS})")
     return p
@@ -93,8 +98,11 @@ def compare(args) -> str:
         raise CompareError(f"{_first_line(e.message)} (store {uri})") from None
     except OSError as e:  # a server that is down or unreachable
         raise CompareError(f"cannot reach {uri}: {_first_line(str(e))}") from None
+    parents = [] if args.all else [r for r in runs if r.data.tags.get(SWEEP_TAG) == "parent"]
+    runs = [r for r in runs if args.all or r.data.tags.get(SWEEP_TAG) != "parent"]
     if not runs:
-        return f"no runs in experiment {name!r}" + (f" match {args.filter!r}" if args.filter else "") + "\n"
+        return (f"no runs in experiment {name!r}" + (f" match {args.filter!r}" if args.filter else "")
+                + (f" ({len(parents)} sweep parent run(s) left out: --all lists them)" if parents else "") + "\n")
     sort = _metric_name(runs_objective(sort, runs))
     logged = {k for r in runs for k in r.data.metrics}
     wanted = [_metric_name(m) for m in args.metrics.split(",") if m.strip()] if args.metrics else None
@@ -110,17 +118,20 @@ def compare(args) -> str:
     hidden = []
     if args.format == "markdown" and not args.all_params and len(params) > MAX_PARAM_COLUMNS:
         params, hidden = params[:MAX_PARAM_COLUMNS], params[MAX_PARAM_COLUMNS:]
-    header = ["run_id", "run_name", "status", "model", "backend", *params, sort, *metrics]
-    rows = [[r.info.run_id if args.format == "csv" else r.info.run_id[:8], r.info.run_name or "", r.info.status,
-             _model(r), _backend(r), *(r.data.params.get(p, "") for p in params),
-             *(_fmt(r.data.metrics.get(m), args.format) for m in [sort, *metrics])] for r in runs]
+    identity = [c for c, get in (("model", _model), ("backend", _backend)) if len({get(r) for r in runs}) > 1]
+    header = ["run_name", *identity, *params, sort, *metrics, "status", "run_id"]
+    rows = [[r.info.run_name or "", *(_model(r) if c == "model" else _backend(r) for c in identity),
+             *(_param(r.data.params.get(p, ""), args.format) for p in params),
+             *(_fmt(r.data.metrics.get(m), args.format) for m in [sort, *metrics]),
+             r.info.status, r.info.run_id if args.format == "csv" else r.info.run_id[:8]] for r in runs]
     if args.format == "csv":
         out = io.StringIO()
         csv.writer(out, lineterminator="\n").writerows([header, *rows])
         return out.getvalue()
+    left_out = f"; {len(parents)} sweep parent run(s) left out (--all lists them)" if parents else ""
     lines = [f"experiment {name!r} in {uri}: {len(rows)} run(s), sorted by {sort} "
-             f"({'descending' if descending else 'ascending'})", "", _md_row(header),
-             _md_row(["---"] * 5 + ["---"] * len(params) + ["---:"] * (1 + len(metrics)))]
+             f"({'descending' if descending else 'ascending'}){left_out}", "", _md_row(header),
+             _md_row(["---"] * (1 + len(identity) + len(params)) + ["---:"] * (1 + len(metrics)) + ["---"] * 2)]
     lines += [_md_row(r) for r in rows]
     if hidden:
         lines += ["", f"(+{len(hidden)} more differing params, see --all-params or --format csv: {_listing(hidden)})"]
@@ -173,6 +184,17 @@ def _model(run) -> str:
 
 def _backend(run) -> str:
     return run.data.tags.get("medspark.backend") or run.data.params.get("backend.name", "")
+
+
+def _param(v: str, fmt: str) -> str:
+    """A param value as the table shows it: markdown rounds a long float (an Optuna trial's 0.0003162277660168379)
+    to 4 significant digits; csv keeps it as logged."""
+    if fmt == "csv" or len(v) <= 6 or not any(c in v for c in ".eE"):
+        return v
+    try:
+        return f"{float(v):.4g}"
+    except ValueError:
+        return v
 
 
 def _fmt(v, fmt: str) -> str:

@@ -294,10 +294,76 @@ def check_overrides(argv) -> None:
                                   f"{', '.join(group_options(o.key_or_group))}")
 
 
+def check_keys(argv) -> None:
+    """Command-line settings whose key the composed config does not have (train.epoch=2, preprocess.size=64), as
+    one line with the nearest key ("did you mean train.epochs?"), before Hydra composes (its own report is
+    "Key 'epoch' is not in struct"). `+key=` (adding a key) is left to Hydra, as is anything it cannot compose."""
+    import difflib
+
+    if any(a.startswith(("--config-dir", "--config-path", "-cd", "-cp")) or "hydra.searchpath" in a for a in argv):
+        return
+    words = [a for a in argv if "=" in a and not a.startswith("-")]
+    if not words:
+        return
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(words)
+    except Exception:
+        return
+    groups = set(option_groups())
+    keys = [o for o in parsed if o.key_or_group not in groups and "/" not in o.key_or_group and not o.is_delete()
+            and not o.is_add() and not o.is_force_add() and not o.key_or_group.startswith("hydra.")]
+    if not keys:
+        return
+    choices = []
+    for o in parsed:
+        if (o.key_or_group in groups or "/" in o.key_or_group) and not o.is_delete():
+            value = next(iter(o.sweep_string_iterator()), None) if o.is_sweep_override() else o.get_value_string()
+            if value is not None:
+                choices.append(f"{o.get_key_element()}={value}")
+    try:
+        cfg = compose_project_config([c for c in choices if not c.startswith("hydra/")])
+    except Exception:  # a composition error Hydra reports better (or an option only another search path has)
+        return
+    known = None
+    swept = {o.key_or_group for o in parsed if o.is_sweep_override() and o.key_or_group in groups}
+    for o in keys:
+        key = o.key_or_group
+        if key.split(".", 1)[0] in swept:  # a key of a swept group may belong to another of its options
+            continue
+        if _has_key(cfg, key):
+            continue
+        if known is None:
+            from .tracking import flatten
+
+            known = list(flatten(OmegaConf.to_container(cfg, resolve=False)))
+        near = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+        hint = f"did you mean {near[0]}?" if near else "medspark --cfg job lists the settings"
+        raise ConfigError(f"{key} is not a setting; {hint} (to add a new key: +{key}=...)")
+
+
+_ABSENT = object()
+
+
+def _has_key(cfg, key: str) -> bool:
+    """`key` is a node of `cfg`, set or not (`???`, `null`)."""
+    from omegaconf.errors import MissingMandatoryValue
+
+    try:
+        return OmegaConf.select(cfg, key, default=_ABSENT, throw_on_missing=True) is not _ABSENT
+    except MissingMandatoryValue:
+        return True
+    except Exception:  # an interpolation that cannot resolve here: the key is there
+        return True
+
+
 def exit_on_bad_overrides(argv=None) -> None:
-    """check_overrides for a command's main(): one line on stderr and exit status 2, as for the other checks."""
+    """check_overrides and check_keys for a command's main(): one line on stderr and exit status 2, as for the
+    other checks."""
     try:
         check_overrides(sys.argv[1:] if argv is None else argv)
+        check_keys(sys.argv[1:] if argv is None else argv)
     except ConfigError as e:
         print(f"medspark: error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -39,14 +39,15 @@ class DataStage:
 
 
 @contextmanager
-def data_run(cfg: DictConfig, overrides=(), spark=None, *, run_name: str, tags: dict, app_name: str):
+def data_run(cfg: DictConfig, overrides=(), spark=None, *, run_name: str | None, tags: dict, app_name: str):
     """The opening every entry point shares (training, `preprocess_only`): check the config, point MLflow at the
     store, start the run (ended FINISHED, FAILED or KILLED by tracking.run) with the resolved config, list the
     dataset, and materialize it on Spark: `spark`, or a session of `cfg.cluster` started here and stopped on
-    leaving (or earlier, `stage.stop_spark()`). Yields a DataStage."""
+    leaving (or earlier, `stage.stop_spark()`). Yields a DataStage. run_name None: tracking.run_name, made from
+    the overrides."""
     check(cfg)
     tracking.configure(cfg.tracking)
-    with tracking.run(run_name, tags) as run:
+    with tracking.run(run_name or tracking.run_name(cfg, overrides), tags) as run:
         resume.end_dead_runs(run.info.run_id)  # RUNNING runs of this experiment whose process was SIGKILLed
         tracking.log_config(cfg, overrides)
         timings = Timings()

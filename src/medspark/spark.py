@@ -41,6 +41,16 @@ def master_url(cfg) -> str:
     return str(cfg.master)
 
 
+def quiet_conf() -> dict[str, str]:
+    """Spark settings for honest console output: the stage progress bar only when stderr is a terminal (in a
+    log file its carriage returns are junk), and the driver's TF_CPP_MIN_LOG_LEVEL (medspark.cli.quiet_native_logs)
+    passed to the executors of a cluster (local ones inherit it). cluster.conf overrides either."""
+    conf = {"spark.ui.showConsoleProgress": "true" if sys.stderr.isatty() else "false"}
+    if os.environ.get("TF_CPP_MIN_LOG_LEVEL"):
+        conf["spark.executorEnv.TF_CPP_MIN_LOG_LEVEL"] = os.environ["TF_CPP_MIN_LOG_LEVEL"]
+    return conf
+
+
 def session(cfg, app_name: str = "medspark"):
     """Get (or reuse) the SparkSession for a `cluster` config. Executors run this very Python, or they
     fail with `No module named 'petastorm'`."""
@@ -52,7 +62,9 @@ def session(cfg, app_name: str = "medspark"):
     from pyspark.sql import SparkSession
 
     builder = SparkSession.builder.master(master_url(cfg)).appName(app_name)
-    for key, value in (cfg.get("conf") or {}).items():
+    for key, value in quiet_conf().items():
+        builder = builder.config(key, value)
+    for key, value in (cfg.get("conf") or {}).items():  # cluster.conf wins
         if value is not None:
             builder = builder.config(str(key), str(value))
     spark = builder.getOrCreate()

@@ -32,7 +32,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from .config import runs_objective
-from .tracking import PARENT_RUN_ENV
+from .tracking import PARENT_RUN_ENV, SWEEP_PARAMS_ENV
 
 log = logging.getLogger("medspark")
 SUMMARY = "sweep_summary"
@@ -92,6 +92,7 @@ class MlflowSweep(Callback):
                 "launcher": tags["medspark.sweep.launcher"].rsplit(".", 1)[-1],
                 "n_jobs": OmegaConf.select(config, "hydra.launcher.n_jobs", default=1)}.items()])
         os.environ[PARENT_RUN_ENV] = self.parent_id
+        os.environ[SWEEP_PARAMS_ENV] = " ".join(swept)  # what the jobs are named by (tracking.run_name)
         atexit.register(self._on_exit)
         print(f"medspark sweep: parent MLflow run {self.parent_id} (experiment "
               f"{client.get_experiment(run.info.experiment_id).name}); jobs are its child runs", flush=True)
@@ -116,6 +117,7 @@ class MlflowSweep(Callback):
 
         self.state["done"] = True
         os.environ.pop(PARENT_RUN_ENV, None)
+        os.environ.pop(SWEEP_PARAMS_ENV, None)
         mlflow.set_tracking_uri(self.state["uri"])
         client = mlflow.MlflowClient()
         children = client.search_runs([self.state["experiment_id"]],

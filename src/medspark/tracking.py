@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import traceback
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -211,6 +212,7 @@ def artifact_location(uri: str, configured: str | None) -> str | None:
 
 
 PARENT_RUN_ENV = "MEDSPARK_PARENT_RUN_ID"  # set by medspark.sweep (and benchmarks/backends.py) for their jobs
+SWEEP_PARAMS_ENV = "MEDSPARK_SWEEP_PARAMS"  # set by medspark.sweep for its jobs: its `sweep_params` (run names)
 
 
 @contextmanager
@@ -221,7 +223,8 @@ def run(run_name: str | None = None, tags: dict | None = None):
     Launched by `mlflow run` (it sets MLFLOW_RUN_ID): this *is* that run, not a second one, and it stays in the
     experiment `mlflow run` put it in (its --experiment-name/--experiment-id, else MLflow's default).
     A job of a sweep ($MEDSPARK_PARENT_RUN_ID, see medspark.sweep): a child run of the sweep's parent run
-    (tag mlflow.parentRunId), in the parent's experiment so that the UI nests it."""
+    (tag mlflow.parentRunId), in the parent's experiment so that the UI nests it.
+    Either way the process's log file is saved on the run as it ends (log_own_log)."""
     import mlflow
 
     tags = {k: mask_text(str(v)) for k, v in (tags or {}).items()}  # e.g. medspark.overrides: the command line
@@ -242,10 +245,134 @@ def run(run_name: str | None = None, tags: dict | None = None):
         try:
             mlflow.set_tags({"error": mask_text(f"{type(e).__name__}: {e}")[:5000], "error_type": type(e).__name__})
             mlflow.log_text(mask_text("".join(traceback.format_exception(e))), "error/traceback.txt")
+            log_own_log()
         finally:
             mlflow.end_run("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
         raise
+    log_own_log()
     mlflow.end_run("FINISHED")
+
+
+# ---------------------------------------------------------------- run names and descriptions
+
+GROUP_KEYS = ("model", "backend", "dataset", "cluster", "experiment", "hparams_search", "local")  # group choices
+NAME_NOISE = ("paths.", "tracking.", "hydra.", "hydra/", "materialize.", "serving.", "train.verbose", "train.resume")
+NAME_MAX = 120  # characters of a run name medspark makes up
+SWEEP_KEY = re.compile(r"(?:^|\s)[+~]*([\w./@-]+)=")  # the keys of a sweep's `sweep_params` ("train.lr=1e-3,3e-4")
+
+
+def run_name(cfg, overrides=()) -> str:
+    """The MLflow run name: tracking.run_name when set, else `<model>-<backend>` plus the command-line overrides
+    that are not group choices (nor where things go: paths, tracking, hydra), shortened to the key's last part and
+    the value (`train.lr=3e-3` -> `lr3e-3`): `small_cnn-single-lr3e-3`. A sweep job ($MEDSPARK_PARENT_RUN_ID) is
+    named by the overrides its sweep varies (its parent's `sweep_params`), so sibling jobs differ at a glance."""
+    if cfg.tracking.get("run_name"):
+        return str(cfg.tracking.run_name)
+    swept = sweep_keys(os.environ.get(PARENT_RUN_ENV), os.environ.get(SWEEP_PARAMS_ENV))
+    parts = [f"{cfg.model.name}-{cfg.backend.name}"]
+    for override in overrides:
+        key, sep, value = str(override).partition("=")
+        key = key.lstrip("+")
+        if not sep or key.startswith("~") or key.startswith(NAME_NOISE) or is_secret_key(key):
+            continue
+        if swept is not None and key not in swept:
+            continue
+        if key in GROUP_KEYS:  # a swept dataset or cluster names itself; model and backend are already there
+            if swept is not None and key not in ("model", "backend"):
+                parts.append(_short_value(value))
+            continue
+        parts.append(key.rsplit(".", 1)[-1] + _short_value(value))
+    return "-".join(parts)[:NAME_MAX]
+
+
+def _short_value(value: str) -> str:
+    """An override's value as a run name shows it: floats to 3 significant digits, paths by their last part."""
+    value = value.strip().strip("'\"")
+    try:
+        if any(c in value for c in ".eE") and len(value) > 6:
+            value = f"{float(value):.3g}"
+    except ValueError:
+        pass
+    if "/" in value:
+        value = value.rstrip("/").rsplit("/", 1)[-1]
+    return re.sub(r"[\s,\[\]{}()]+", "_", value)[:24]
+
+
+def sweep_keys(parent_id: str | None, swept: str | None = None) -> set[str] | None:
+    """The keys a sweep varies: from `swept` ($MEDSPARK_SWEEP_PARAMS, which medspark.sweep exports), else read
+    from the parent run's `sweep_params` (a parent made by another tool, e.g. benchmarks/backends.py); None outside
+    a sweep (or when the parent is not readable: the job is then named by all its overrides)."""
+    if not parent_id:
+        return None
+    if swept is None:
+        import mlflow
+        from mlflow.exceptions import MlflowException
+
+        try:
+            swept = mlflow.MlflowClient().get_run(parent_id).data.params.get("sweep_params")
+        except MlflowException:
+            return None
+    if not swept or swept == "(none)":
+        return None
+    return {k.lstrip("+") for k in SWEEP_KEY.findall(swept)}
+
+
+def describe_run(cfg, data, objective: str, overrides=()) -> str:
+    """The run's description (tag mlflow.note.content, shown on the run's page in the UI): what was trained on
+    what, judged by which metric, and the command-line overrides."""
+    classes = list(data.classes)
+    shown = ", ".join(classes[:8]) + (f", ... ({len(classes) - 8} more)" if len(classes) > 8 else "")
+    kind = "findings" if data.task == "multilabel" else "classes"
+    sizes = data.sizes
+    text = [f"{cfg.model.name} trained with backend {cfg.backend.name} on dataset `{cfg.dataset.name}`: "
+            f"{data.task}, {len(classes)} {kind} ({shown}).",
+            f"Objective: {objective}. Data: {sizes.get('train', 0)} train / {sizes.get('val', 0)} val / "
+            f"{sizes.get('test', 0)} test images ({data.accepted} of {data.listed} listed accepted), "
+            f"image shape {'x'.join(str(d) for d in data.shape)}, fingerprint {data.fingerprint}."]
+    given = mask_text(" ".join(str(o) for o in overrides))
+    text.append(f"Overrides: `{given}`" if given else "Overrides: none (the defaults of conf/config.yaml).")
+    return "\n\n".join(text)
+
+
+def log_inputs(data, splits=("train", "val", "test")) -> None:
+    """Each Petastorm split as an MLflow dataset input of the run (the UI's Datasets column, lineage):
+    name `<dataset>-<split>`, digest = the data fingerprint, source = the split's URL, context = the split."""
+    import mlflow
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    dataset = data.url.rstrip("/").rsplit("/", 2)[-2] if data.url.count("/") >= 2 else "data"  # <url>/<name>/<fp>
+    for split in splits:
+        url = data.split_url(split)
+        try:
+            with warnings.catch_warnings():  # "can be interpreted in multiple ways": local sources register twice
+                warnings.simplefilter("ignore")
+                source = resolve_dataset_source(url)
+        except Exception as e:  # a scheme no MLflow dataset source knows: the run still has data_url
+            log.info("no MLflow dataset source for %s (%s): split not logged as a dataset input", url, e)
+            return
+        mlflow.log_input(MetaDataset(source, name=f"{dataset}-{split}", digest=data.fingerprint), context=split)
+
+
+def log_own_log() -> None:
+    """This process's log file (the Hydra job's `<job>.log`, every file handler of the root logger) as the run's
+    artifact `logs/<file>`, secrets masked: what the console showed through logging, kept with the run."""
+    import mlflow
+
+    for handler in logging.getLogger().handlers:
+        path = getattr(handler, "baseFilename", None)
+        if not isinstance(handler, logging.FileHandler) or not path:
+            continue
+        try:
+            handler.flush()
+            text = Path(path).read_text(errors="replace")
+        except OSError:
+            continue
+        if text:
+            try:
+                mlflow.log_text(mask_text(text), f"logs/{Path(path).name}")
+            except Exception as e:  # never the error that ends a run: the log is a convenience
+                log.warning("could not save %s on the run: %s", path, e)
 
 
 def _hydra_job_num() -> str:
@@ -298,7 +425,8 @@ def log_config(cfg, overrides) -> None:
 
 
 def log_data(data) -> None:
-    """What the data stage did: counts, duplicates, where the Petastorm data is, and every rejected file."""
+    """What the data stage did: counts, duplicates, where the Petastorm data is (also as the run's dataset inputs),
+    and every rejected file."""
     import mlflow
     from .data.materialize import rejected_csv
 
@@ -306,6 +434,7 @@ def log_data(data) -> None:
     log_params({"data_url": data.url, "data_fingerprint": data.fingerprint, "classes": ",".join(data.classes),
                 "task": data.task})
     mlflow.log_text(rejected_csv(data.rejected), "data/rejected.csv")
+    log_inputs(data)
     mlflow.log_dict({"sizes": data.sizes, "per_class": data.per_class, "reused": data.reused, "seconds": data.seconds,
                      "duplicate_groups": data.duplicate_groups, "duplicate_files": data.duplicate_files,
                      "label_conflicts": data.label_conflicts, "moved_to_test": data.moved_to_test, "task": data.task,
@@ -495,7 +624,7 @@ def run_summary(cfg, run, models, metrics: dict, result, speed: dict, timings: d
     (`models`: log_models' infos) are, the objective (`objective`: the metric train.objective resolved to),
     the headline test metrics, speed and wall times."""
     name = cfg.tracking.get("registered_model")
-    return {"run_id": run.info.run_id, "experiment_id": run.info.experiment_id,
+    return {"run_id": run.info.run_id, "run_name": run.info.run_name, "experiment_id": run.info.experiment_id,
             "model_uri": model_uri(models[0], name),
             "classifier_uri": model_uri(models[1], classifier_registered_name(name)),
             "objective": {objective: float(metrics.get(objective, float("nan")))},
@@ -507,12 +636,60 @@ def run_summary(cfg, run, models, metrics: dict, result, speed: dict, timings: d
             "champion": champion}
 
 
-def print_summary(summary: dict, uri: str) -> None:
-    print("\n=== medspark run finished ===", flush=True)
-    print(json.dumps(summary, indent=2))
-    print(f"run id:   {summary['run_id']}")
-    print(f"model:    {summary['model_uri']}")
-    print(f"MLflow UI: {store_uri_for_ui(uri)}   (then open http://127.0.0.1:5000)", flush=True)
+def print_summary(summary: dict, uri: str, json_path: str | Path | None = None, print_json: bool = False) -> None:
+    """The end of a training run on the console: one short block (run, objective, test metrics, speed, models,
+    champion, where the JSON is, how to open the UI). The full JSON is summary.json on the run and at `json_path`;
+    it is printed too only with `print_json` (tracking.print_summary_json=true)."""
+    print("\n".join(summary_lines(summary, uri, json_path)), flush=True)
+    if print_json:
+        print(json.dumps(summary, indent=2), flush=True)
+
+
+def summary_lines(summary: dict, uri: str, json_path: str | Path | None = None) -> list[str]:
+    """print_summary's block, one line per topic."""
+    def num(v):
+        return f"{v:.4f}" if isinstance(v, float) and abs(v) < 10 else str(v)
+
+    (objective, value), = summary["objective"].items()
+    test = " ".join(f"{k.removeprefix('test_')}={int(v) if k.endswith('_n') else num(v)}"  # test_n: a count
+                    for k, v in summary.get("test", {}).items())
+    train = summary.get("training", {})
+    speed = f"{train.get('backend')}, {train.get('workers')} worker(s), {train.get('images_per_second')} images/s"
+    if "speedup_vs_single" in train:
+        speed += f", speedup {train['speedup_vs_single']}x"
+    seconds = summary.get("seconds", {})
+    times = ", ".join(f"{k.removesuffix('_seconds')} {v:g} s" for k, v in seconds.items()
+                      if k in ("preprocess_seconds", "materialize_seconds", "train_seconds", "evaluate_seconds"))
+    champion = summary.get("champion") or {}
+    crown = champion.get("decision", "")
+    if champion.get("champion_uri"):
+        crown = f"{crown}: {champion['champion_uri']} is version {champion.get('champion_version')}"
+    if champion.get("reason"):
+        crown += f" ({champion['reason']})"
+    lines = [f"\n=== medspark run finished: {summary.get('run_name') or summary['run_id']} ===",
+             f"objective:  {objective} = {num(value)}",
+             f"test:       {test}",
+             f"training:   {speed}" + (f"; {times}" if times else ""),
+             f"model:      {summary['model_uri']}   classifier: {summary.get('classifier_uri', '')}",
+             f"champion:   {crown or 'n/a'}",
+             f"run id:     {summary['run_id']}" + (f"   summary: {json_path}" if json_path else ""),
+             f"MLflow UI:  {store_uri_for_ui(uri)}   (then open http://127.0.0.1:5000)"]
+    return lines
+
+
+def write_summary(summary: dict) -> Path | None:
+    """summary.json in this Hydra job's output folder (outputs/<date>/<time>/, a sweep job's multirun/.../<n>/),
+    beside the job's log; None outside a Hydra job (train() called from Python)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        folder = Path(HydraConfig.get().runtime.output_dir)
+    except Exception:  # not in a Hydra job
+        return None
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "summary.json"
+    path.write_text(json.dumps(summary, indent=2) + "\n")
+    return path
 
 
 def store_uri_for_ui(uri: str) -> str:

@@ -29,13 +29,17 @@ def train(cfg: DictConfig, overrides: list[str] | tuple = (), spark=None) -> flo
 
     backend = build(cfg.backend)  # a bad backend option is one line, before Spark starts
     resume.check(cfg, backend)
-    with pipeline.data_run(cfg, overrides, spark, run_name=cfg.tracking.get("run_name") or
-                           f"{cfg.model.name}-{cfg.backend.name}", tags=pipeline.run_tags(cfg, overrides),
+    with pipeline.data_run(cfg, overrides, spark, run_name=None, tags=pipeline.run_tags(cfg, overrides),
                            app_name=f"medspark-{cfg.dataset.name}") as stage, \
             tempfile.TemporaryDirectory(prefix="medspark-") as tmp:
         import mlflow
 
+        from .cli import import_tensorflow
+
+        import_tensorflow()  # TensorFlow's start-up noise filtered (cli.import_tensorflow), before a backend loads it
         data, timings = stage.data, stage.timings
+        key = objective_metric(cfg.train.objective, data.task)
+        mlflow.set_tag("mlflow.note.content", tracking.describe_run(cfg, data, key, overrides))
         checkpoint = resume.prepare(cfg, data, stage.run.info.run_id, backend)  # train.resume: see medspark.resume
         result = backend.fit(TrainJob.from_config(cfg, data, spark=stage.spark, checkpoint=checkpoint))
         baseline = None
@@ -45,20 +49,21 @@ def train(cfg: DictConfig, overrides: list[str] | tuple = (), spark=None) -> flo
         stage.stop_spark()
         timings.update(train_seconds=result.train_seconds, train_images_per_second=result.images_per_second)
         tracking.log_training(result)
-        key = tracking.baseline_key(data.fingerprint, OmegaConf.to_container(cfg.model, resolve=True), cfg.train.epochs)
-        speed = tracking.log_speedup(result, backend.name, key, baseline)
+        same = tracking.baseline_key(data.fingerprint, OmegaConf.to_container(cfg.model, resolve=True),
+                                     cfg.train.epochs)
+        speed = tracking.log_speedup(result, backend.name, same, baseline)
         with timings("evaluate_seconds"):
             metrics, thresholds = evaluate.evaluate_split(result.model, data, Path(tmp), history=result.history)
         with timings("log_model_seconds"):
             models = tracking.log_models(result.model, data, cfg, thresholds=thresholds)
         mlflow.log_metrics(dict(timings))
-        key = objective_metric(cfg.train.objective, data.task)
         mlflow.set_tag(OBJECTIVE_TAG, key)
         objective = float(metrics.get(key, float("nan")))
         champion = registry.promote(cfg.tracking, models, key, objective)  # both models' alias together
         summary = tracking.run_summary(cfg, stage.run, models, metrics, result, speed, timings, champion, key)
         mlflow.log_dict(summary, "summary.json")
-    tracking.print_summary(summary, cfg.tracking.uri)
+    tracking.print_summary(summary, cfg.tracking.uri, json_path=tracking.write_summary(summary),
+                           print_json=bool(cfg.tracking.get("print_summary_json")))
     return objective
 
 
@@ -82,7 +87,14 @@ def _hydra_main(cfg: DictConfig) -> float:
 
 
 def main() -> None:
-    exit_on_bad_overrides()  # backend=nope: one line naming the group's options, before Hydra composes
+    import sys
+
+    from .cli import exit_on_help, quiet_native_logs, resolve_cfg_by_default
+
+    exit_on_help(sys.argv[1:])  # medspark's own --help: subcommands, groups, options, docs
+    sys.argv[1:] = resolve_cfg_by_default(sys.argv[1:])  # --cfg job prints the config resolved
+    quiet_native_logs()
+    exit_on_bad_overrides()  # backend=nope, train.epoch=2: one line (valid options, "did you mean"), before Hydra
     _hydra_main()
 
 
