@@ -215,19 +215,29 @@ def _label(name: str, width: int = 18) -> str:
     return "\n".join(textwrap.wrap(str(name), width, break_long_words=True)[:3]) or str(name)
 
 
-def _grid_cells(ax, counts, pct, has_row, names, fs: float, decimals: int) -> None:
-    """Count and row percentage in every cell of a k x k grid (up to 60 classes: past that the numbers are
-    unreadable anyway; the colour still tells the story), names as ticks on both axes."""
+def _percent_grid(counts, totals, names, cmap: str, label: str, decimals: int):
+    """A k x k grid of counts coloured by their percentage of the row's total, count and percentage in every cell
+    (up to 60 classes: past that the numbers are unreadable anyway; the colour still tells the story), names as
+    ticks on both axes. Returns (figure, axes) for the caller's labels and title."""
     k = len(names)
+    rows = np.asarray(totals)[:, None]
+    pct = np.divide(counts, rows, out=np.zeros(counts.shape), where=rows > 0) * 100
+    side = min(2.5 + 0.6 * k, 36.0)
+    fs = max(4.0, min(10.0, (side - 2.5) / k * 72 / 5))  # two text lines must fit in one cell
+    fig = _figure(side + 1.2, side)
+    ax = fig.add_subplot()
+    im = ax.imshow(pct, cmap=cmap, vmin=0, vmax=100)
+    fig.colorbar(im, ax=ax, shrink=0.8, label=label)
     if k <= 60:
         for i in range(k):
             for j in range(k):
-                txt = f"{counts[i, j]}\n{pct[i, j]:.{decimals}f}%" if has_row[i] else "0\n–"
+                txt = f"{counts[i, j]}\n{pct[i, j]:.{decimals}f}%" if rows[i, 0] else "0\n–"
                 ax.text(j, i, txt, ha="center", va="center", fontsize=fs, color="white" if pct[i, j] > 55 else "black")
     tick = [_label(c) for c in names]
     ax.set_xticks(range(k), tick, rotation=45 if k > 3 else 0, ha="right" if k > 3 else "center",
                   fontsize=max(6.0, fs))
     ax.set_yticks(range(k), tick, fontsize=max(6.0, fs))
+    return fig, ax
 
 
 def confusion_matrix_png(y_true, y_pred, class_names, path) -> Path:
@@ -239,16 +249,7 @@ def confusion_matrix_png(y_true, y_pred, class_names, path) -> Path:
     if len(y) != len(yp):
         raise ValueError(f"y_true has {len(y)} rows but y_pred has {len(yp)}")
     cm = _confusion(y, yp, k)
-    rows = cm.sum(axis=1, keepdims=True)
-    pct = np.divide(cm, rows, out=np.zeros(cm.shape), where=rows > 0) * 100
-
-    side = min(2.5 + 0.6 * k, 36.0)
-    fs = max(4.0, min(10.0, (side - 2.5) / k * 72 / 5))  # two text lines must fit in one cell
-    fig = _figure(side + 1.2, side)
-    ax = fig.add_subplot()
-    im = ax.imshow(pct, cmap="Blues", vmin=0, vmax=100)
-    fig.colorbar(im, ax=ax, shrink=0.8, label="% of true class")
-    _grid_cells(ax, cm, pct, rows[:, 0] > 0, names, fs, decimals=1)
+    fig, ax = _percent_grid(cm, cm.sum(axis=1), names, "Blues", "% of true class", decimals=1)
     ax.set_xlabel("Predicted")
     ax.set_ylabel("True")
     ax.set_title(f"Confusion matrix (n={len(y)}, accuracy={np.trace(cm) / len(y):.3f})")
@@ -592,16 +593,7 @@ def cooccurrence_png(y_true, finding_names, path) -> Path:
     k = len(names)
     y = _check_multi_hot(y_true, k, "y_true")
     co = y.T @ y
-    rows = np.diag(co)[:, None]
-    pct = np.divide(co, rows, out=np.zeros(co.shape), where=rows > 0) * 100
-
-    side = min(2.5 + 0.6 * k, 36.0)
-    fs = max(4.0, min(10.0, (side - 2.5) / k * 72 / 5))
-    fig = _figure(side + 1.2, side)
-    ax = fig.add_subplot()
-    im = ax.imshow(pct, cmap="Purples", vmin=0, vmax=100)
-    fig.colorbar(im, ax=ax, shrink=0.8, label="% of the row finding's images")
-    _grid_cells(ax, co, pct, rows[:, 0] > 0, names, fs, decimals=0)
+    fig, ax = _percent_grid(co, np.diag(co), names, "Purples", "% of the row finding's images", decimals=0)
     ax.set_xlabel("also has")
     ax.set_ylabel("finding")
     none = int((y.sum(1) == 0).sum())
