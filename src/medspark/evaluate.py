@@ -654,11 +654,12 @@ def predict_split(model, data, split: str) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate(labels), np.concatenate(probs)
 
 
-def evaluate_split(model, data, out_dir, history=None) -> tuple[dict[str, float], dict[str, float] | None]:
+def evaluate_split(model, data, out_dir, history=None, options: Mapping | None = None) -> tuple[dict[str, float], dict]:
     """A trained model on the test split of `data` (data.materialize.Materialized), then `evaluate` (binary,
     multiclass) or `evaluate_multilabel` (data.task multilabel: thresholds chosen on the validation split) into
-    out_dir/evaluation; metrics and files are logged to the active MLflow run. Returns (metrics, thresholds):
-    {finding: threshold} for multilabel, what the packaged classifier ships with; None otherwise."""
+    out_dir/evaluation; metrics and files are logged to the active MLflow run. options: the run's `evaluate:`
+    config (a mapping; None = its defaults). Returns (metrics, shipped): what the packaged classifier ships with,
+    chosen on the validation split (serving.log_model's `shipped`): {"thresholds": {finding: t}} for multilabel."""
     import mlflow
 
     out = Path(out_dir) / "evaluation"
@@ -675,4 +676,4 @@ def evaluate_split(model, data, out_dir, history=None) -> tuple[dict[str, float]
     from .evaluate_sources import log_source_metrics  # test metrics per source of a merged dataset
 
     metrics.update(log_source_metrics(data, y, p))
-    return metrics, thresholds
+    return metrics, ({"thresholds": thresholds} if thresholds is not None else {})

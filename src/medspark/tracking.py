@@ -566,18 +566,19 @@ def classifier_registered_name(registered_name: str | None) -> str | None:
 
 
 def log_classifier(model, preprocess, classes, example_images, registered_name: str | None, serving_cfg=None,
-                   task: str | None = None, thresholds=None):
+                   task: str | None = None, shipped: dict | None = None):
     """The model at work: the same Keras model packaged with the run's preprocessing and class names as a
     pyfunc (`medspark.serving`) that takes raw image files. A second logged model of the run, `classifier`,
     registered as `<registered_name>-classifier` when a name is configured; the Keras model stays `model`.
-    serving_cfg: the `serving:` limits (a mapping), baked into the model; None = their defaults. task, thresholds:
-    the dataset's task and, for multilabel, the per-finding thresholds chosen on the validation split."""
+    serving_cfg: the `serving:` limits (a mapping), baked into the model; None = their defaults. task: the dataset's;
+    shipped: what evaluation chose on the validation split for the classifier (evaluate.evaluate_split), e.g. the
+    per-finding thresholds of a multilabel model."""
     from . import serving
 
     limits = serving.ServingLimits.from_mapping(serving_cfg or {})
     return serving.log_model(portable(model), preprocess, classes, example_images, name=CLASSIFIER_NAME,
                              registered_model_name=classifier_registered_name(registered_name), limits=limits,
-                             task=task, thresholds=thresholds)
+                             task=task, **(shipped or {}))
 
 
 def model_uri(info, registered_name: str | None = None) -> str:
@@ -589,9 +590,9 @@ def model_uri(info, registered_name: str | None = None) -> str:
     return info.model_uri
 
 
-def log_models(model, data, cfg, thresholds=None):
+def log_models(model, data, cfg, shipped: dict | None = None):
     """Both models of a training run, with two test images as input example: `model` (Keras) and `classifier`
-    (medspark.serving, with the dataset's task and, multilabel, `thresholds` {finding: t}); the run tagged with its
+    (medspark.serving, with the dataset's task and what evaluation `shipped`, e.g. multilabel thresholds); the run tagged with its
     data definition, and both models registered under its name when this run registers (medspark.registry:
     tracking.registered_model, tracking.register). Returns their (model, classifier) infos."""
     from omegaconf import OmegaConf
@@ -606,7 +607,7 @@ def log_models(model, data, cfg, thresholds=None):
     info = log_model(model, example.astype("float32"), None)
     pre = PreprocessConfig.from_mapping(OmegaConf.to_container(cfg.preprocess))
     serving_cfg = OmegaConf.to_container(cfg.serving) if cfg.get("serving") else None
-    models = info, log_classifier(model, pre, data.classes, example, None, serving_cfg, data.task, thresholds)
+    models = info, log_classifier(model, pre, data.classes, example, None, serving_cfg, data.task, shipped)
     registry.register_logged(models, cfg, definition)
     return models
 

@@ -53,9 +53,10 @@ def train(cfg: DictConfig, overrides: list[str] | tuple = (), spark=None) -> flo
                                      cfg.train.epochs)
         speed = tracking.log_speedup(result, backend.name, same, baseline)
         with timings("evaluate_seconds"):
-            metrics, thresholds = evaluate.evaluate_split(result.model, data, Path(tmp), history=result.history)
+            metrics, shipped = evaluate.evaluate_split(result.model, data, Path(tmp), history=result.history,
+                                                       options=OmegaConf.to_container(cfg.evaluate, resolve=True))
         with timings("log_model_seconds"):
-            models = tracking.log_models(result.model, data, cfg, thresholds=thresholds)
+            models = tracking.log_models(result.model, data, cfg, shipped=shipped)
         mlflow.log_metrics(dict(timings))
         mlflow.set_tag(OBJECTIVE_TAG, key)
         objective = float(metrics.get(key, float("nan")))
