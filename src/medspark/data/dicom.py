@@ -64,11 +64,31 @@ def read(data: bytes, *, pixels: bool = True):
     from pydicom.errors import InvalidDicomError
 
     try:
-        return pydicom.dcmread(io.BytesIO(data), force=not is_dicom(data), stop_before_pixels=not pixels)
+        ds = pydicom.dcmread(io.BytesIO(data), force=not is_dicom(data), stop_before_pixels=not pixels)
+        _set_transfer_syntax(ds)
+        return ds
     except (InvalidDicomError, EOFError) as e:
         raise Rejected(f"not a readable DICOM file: {_short(e)}") from None
     except Exception as e:  # pydicom's parser raises many types on garbage; the reason names the type only
         raise Rejected(f"corrupt DICOM header ({type(e).__name__})") from None
+
+
+def _set_transfer_syntax(ds) -> None:
+    """A data set without file meta (or without its Transfer Syntax UID) is uncompressed: its syntax is the encoding
+    pydicom found while parsing it (implicit/explicit VR, byte order); the pixel decoder needs it named."""
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    meta = getattr(ds, "file_meta", None)
+    if meta is not None and "TransferSyntaxUID" in meta:
+        return
+    implicit, little = ds.original_encoding
+    if implicit is None:
+        return
+    if meta is None:
+        ds.file_meta = meta = FileMetaDataset()
+    meta.TransferSyntaxUID = (ImplicitVRLittleEndian if implicit else
+                              ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
 
 
 def read_tags(path: str, keywords) -> dict[str, str]:
@@ -163,7 +183,9 @@ def _pixels(ds, index: int | None) -> np.ndarray:
         if "less than expected" in str(e) or "truncated" in str(e).lower():
             raise Rejected("truncated pixel data: fewer bytes than Rows x Columns x frames declare") from None
         raise Rejected(f"pixel data cannot be decoded: {_short(e)}") from None
-    except Exception as e:
+    except BaseException as e:  # a Rust decoder's panic (pylibjpeg-rle on a garbled stream) is a BaseException
+        if isinstance(e, (KeyboardInterrupt, SystemExit, GeneratorExit)):
+            raise
         raise Rejected(f"pixel data cannot be decoded ({type(e).__name__}): {_short(e)}") from None
 
 

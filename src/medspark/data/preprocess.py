@@ -239,12 +239,17 @@ def decode(data: bytes, cfg: PreprocessConfig) -> np.ndarray:
     return finish(img, cfg)
 
 
-def finish(img: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
+def finish(img: Image.Image, cfg: PreprocessConfig, keep_scale: bool = False) -> np.ndarray:
     """A decoded image (any mode) -> uint8 (H, W, C): channels, resize or pad to the square, denoise. The one last
-    step of every format (PIL images, DICOM frames, NIfTI slices)."""
+    step of every format (PIL images, DICOM frames, NIfTI slices). keep_scale (images resampled to
+    preprocess.pixel_spacing_mm): centred crop or black padding to the square, never scaled, so that a pixel stays
+    pixel_spacing_mm wide and the field of view is image_size x pixel_spacing_mm."""
     img = _to_mode(img, cfg.channels)
     size = (cfg.image_size, cfg.image_size)
-    if cfg.resize == "pad":
+    if keep_scale:
+        left, top = (img.size[0] - size[0]) // 2, (img.size[1] - size[1]) // 2
+        img = img.crop((left, top, left + size[0], top + size[1]))  # outside the image: black
+    elif cfg.resize == "pad":
         img = ImageOps.pad(img, size, method=Image.BILINEAR, color=0)
     elif img.size != size:
         img = img.resize(size, Image.BILINEAR)
@@ -357,7 +362,9 @@ def decode_frames(data: bytes, cfg: PreprocessConfig) -> list[tuple[int, np.ndar
         found = dicom.frames(data, cfg)
     else:
         return [(0, decode(data, cfg))]
-    return [(i, finish(resample(Image.fromarray(a), spacing, cfg.pixel_spacing_mm), cfg)) for i, a, spacing in found]
+    scaled = cfg.pixel_spacing_mm is not None
+    return [(i, finish(resample(Image.fromarray(a), spacing, cfg.pixel_spacing_mm), cfg, keep_scale=scaled))
+            for i, a, spacing in found]
 
 
 def percentile_window(values: list[np.ndarray], percentiles) -> tuple[float, float]:
