@@ -368,3 +368,34 @@ def test_shared_finish_is_the_last_step_of_every_format():
 
     assert np.array_equal(decode_frames(data, cfg)[0][1], finish(Image.fromarray(dicom.frames(data, cfg)[0][1]), cfg))
     assert copy.copy(cfg) == cfg
+
+
+def test_modality_lut_sequence_is_applied_before_the_window():
+    ds = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
+    item = pydicom.Dataset()
+    lut = np.clip(np.arange(4096) * 3 // 2 + 100, 0, 65535).astype(np.uint16)  # not a rescale the file states
+    item.add_new("LUTDescriptor", "US", [4096, 0, 16])
+    item.add_new("LUTData", "US", lut.tolist())
+    item.ModalityLUTType = "US"
+    ds.ModalityLUTSequence = pydicom.Sequence([item])
+    buf = io.BytesIO()
+    ds.save_as(buf)
+    got = dicom.frames(buf.getvalue(), PreprocessConfig(window=[1500, 2000]))[0][1]
+    values = lut[np.clip(ds.pixel_array, 0, 4095)].astype(np.float64)  # PS3.3 C.11.1: the LUT, clamped at its ends
+    want = np.clip(((values - 1499.5) / 1999 + 0.5) * 255, 0, 255)
+    want[values <= 1499.5 - 999.5], want[values > 1499.5 + 999.5] = 0, 255
+    assert_close(got, np.rint(want).astype(np.uint8))
+
+
+def test_other_multi_frame_images_give_their_first_frame_for_middle_and_all():
+    """GIF animations and multi-page TIFFs are no series: multi_frame middle/all use the first page, like first."""
+    from PIL import Image
+
+    pages = [Image.fromarray(np.full((32, 32), v, dtype=np.uint8)) for v in (40, 120, 200)]
+    buf = io.BytesIO()
+    pages[0].save(buf, format="TIFF", save_all=True, append_images=pages[1:])
+    first = decode_frames(buf.getvalue(), PreprocessConfig(image_size=16, multi_frame="first"))
+    for mode in ("middle", "all"):
+        got = decode_frames(buf.getvalue(), PreprocessConfig(image_size=16, multi_frame=mode))
+        assert len(got) == 1 and got[0][0] == 0 and np.array_equal(got[0][1], first[0][1])
+    assert int(first[0][1].mean()) == 40

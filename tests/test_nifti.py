@@ -173,3 +173,13 @@ def test_nifti_bytes_decode_to_the_first_slice_for_serving():
 
     data = synthetic()
     assert np.array_equal(decode(data, OPEN), decode_frames(data, OPEN)[0][1])
+
+
+def test_configured_window_applies_to_ct_volumes_in_hounsfield_units():
+    hu = np.linspace(-1000, 1000, 40 * 40 * 4).reshape(40, 40, 4).astype(np.float32)
+    data = nib.Nifti1Image(hu, np.eye(4)).to_bytes()
+    got = nifti.slices(data, PreprocessConfig(window="brain"))  # 40 +- 40 HU
+    canonical = np.rot90(hu[:, :, 2])
+    s = got[2][1]
+    assert (s[canonical <= 0] == 0).all() and (s[canonical > 80] == 255).all()
+    assert ((s > 0) & (s < 255)).sum() > 0

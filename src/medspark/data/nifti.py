@@ -2,7 +2,8 @@
 
 A volume is read with nibabel from memory (NIfTI-1 or NIfTI-2), turned to the closest canonical orientation (RAS:
 slice_axis 0 = sagittal, 1 = coronal, 2 = axial), its first volume kept when it is 4D (fMRI, DWI: a time or
-direction series, not a label per volume), windowed once per volume at `preprocess.percentiles`, and cut into the
+direction series, not a label per volume), windowed once per volume at `preprocess.percentiles` (or at
+`preprocess.window` when set: CT volumes in Hounsfield units), and cut into the
 slices that `preprocess.slices` keeps. Slices are shown the way viewers show them (np.rot90 of the canonical
 array: anterior/superior up). gzip is inflated with a bound of preprocess.max_decoded_mb, so a small .nii.gz that
 inflates to gigabytes is rejected after reading that much, never more.
@@ -121,6 +122,13 @@ def slices(data: bytes, cfg: PreprocessConfig) -> list[tuple[int, np.ndarray, tu
     p, q = (a for a in range(3) if a != cfg.slice_axis)  # the slice's axes; rot90 puts q on rows (reversed)
     check_dims(vol.shape[p], vol.shape[q], cfg)
     chosen = select_slices(vol, cfg)
-    lo, hi = percentile_window([vol], cfg.percentiles)
-    return [(i, np.ascontiguousarray(np.rot90(scale(np.take(vol, i, axis=cfg.slice_axis), lo, hi))),
-             (zooms[q], zooms[p])) for i in chosen]
+    if cfg.window is not None:  # a CT volume in Hounsfield units (dcm2niix output) takes the DICOM windows too
+        from medspark.data.dicom import window, window_of
+
+        center, width = window_of(cfg.window)
+        u8 = lambda s: window(s, center, width)  # noqa: E731
+    else:
+        lo, hi = percentile_window([vol], cfg.percentiles)
+        u8 = lambda s: scale(s, lo, hi)  # noqa: E731
+    return [(i, np.ascontiguousarray(np.rot90(u8(np.take(vol, i, axis=cfg.slice_axis)))), (zooms[q], zooms[p]))
+            for i in chosen]
