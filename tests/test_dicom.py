@@ -115,7 +115,7 @@ def test_files_pydicom_downloads_on_demand_when_present():
     """pydicom fetches more test files (its urls.json) on demand into its data folder; offline they are absent."""
     from pydicom.data.data_manager import get_data_dir
 
-    present = [Path(get_data_dir()) / n for n in ON_DEMAND if n.endswith(".dcm") and (Path(get_data_dir()) / n).exists()]
+    present = [p for p in (Path(get_data_dir()) / n for n in ON_DEMAND if n.endswith(".dcm")) if p.exists()]
     if not present:
         pytest.skip(f"none of the {len(ON_DEMAND)} files pydicom downloads on demand is here (no network)")
     for path in present:
@@ -399,3 +399,25 @@ def test_other_multi_frame_images_give_their_first_frame_for_middle_and_all():
         got = decode_frames(buf.getvalue(), PreprocessConfig(image_size=16, multi_frame=mode))
         assert len(got) == 1 and got[0][0] == 0 and np.array_equal(got[0][1], first[0][1])
     assert int(first[0][1].mean()) == 40
+
+
+def test_values_quoted_by_pydicoms_warnings_never_reach_logs_or_stderr(caplog, capfd):
+    """pydicom warns "Invalid value for VR IS: '<value>'", quoting the value: a name typed into the wrong field
+    would reach the executor's log. Decoding silences those messages; the file is still rejected with its reason."""
+    import logging
+    import warnings as w
+
+    data = Path(get_testdata_file("badVR.dcm")).read_bytes()  # NumberOfFrames (IS) = '1A'
+    bad = data.replace(b"IS\x02\x001A", b"IS\x08\x00ZoeDoe1 ", 1)  # a name where a number belongs
+    assert bad != data
+    caplog.set_level(logging.DEBUG)
+    with w.catch_warnings(record=True) as seen:
+        w.simplefilter("always")
+        with pytest.raises(Rejected, match=r"^malformed image header value") as e:
+            decode_frames(bad, PreprocessConfig())
+    out, err = capfd.readouterr()
+    assert "ZoeDoe" not in caplog.text + out + err + str(e.value) + " ".join(str(m.message) for m in seen)
+    with w.catch_warnings(record=True) as seen:  # the same access without the silencer quotes it
+        w.simplefilter("always")
+        pydicom.dcmread(io.BytesIO(bad)).NumberOfFrames
+    assert any("ZoeDoe" in str(m.message) for m in seen) or "ZoeDoe" in caplog.text

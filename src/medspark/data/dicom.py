@@ -11,7 +11,10 @@ pydicom is imported inside the functions so that workers that only ever see JPEG
 """
 from __future__ import annotations
 
+import contextlib
 import io
+import logging
+import warnings
 
 import numpy as np
 
@@ -30,7 +33,8 @@ PRESETS = {
 }
 DICOMDIR_UID = "1.2.840.10008.1.3.10"
 _NO_PIXELS = {"SR": "a structured report (SR)", "RTPLAN": "an RT plan", "RTSTRUCT": "an RT structure set",
-              "ECG": "an ECG waveform", "HD": "a waveform", "KO": "a key object selection", "PR": "a presentation state",
+              "ECG": "an ECG waveform", "HD": "a waveform", "KO": "a key object selection",
+              "PR": "a presentation state",
               "REG": "a registration", "RTRECORD": "an RT treatment record", "DOC": "an encapsulated document"}
 _COLOUR = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT", "YBR_PARTIAL_420", "PALETTE COLOR")
 _VRS = {b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FL", b"FD", b"IS", b"LO", b"LT", b"OB", b"OD", b"OF",
@@ -57,14 +61,31 @@ def is_bare_dataset(data: bytes) -> bool:
     return False
 
 
-def read(data: bytes, *, pixels: bool = True):
+@contextlib.contextmanager
+def quiet(*loggers: str):
+    """pydicom's (and nibabel's) warnings and log records quote offending values ("Invalid value for VR ...:
+    '<value>'"), which may be a patient's name or id: silenced while a file is read, never printed."""
+    logs = [logging.getLogger(name) for name in (loggers or ("pydicom",))]
+    before = [log.disabled for log in logs]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for log in logs:
+            log.disabled = True
+        try:
+            yield
+        finally:
+            for log, was in zip(logs, before):
+                log.disabled = was
+
+
+def read(data: bytes):
     """The data set of a DICOM file's bytes (files without preamble/file meta are read with force, see
     is_bare_dataset); Rejected when pydicom cannot parse it."""
     import pydicom
     from pydicom.errors import InvalidDicomError
 
     try:
-        ds = pydicom.dcmread(io.BytesIO(data), force=not is_dicom(data), stop_before_pixels=not pixels)
+        ds = pydicom.dcmread(io.BytesIO(data), force=not is_dicom(data))
         _set_transfer_syntax(ds)
         return ds
     except (InvalidDicomError, EOFError) as e:
@@ -96,23 +117,29 @@ def read_tags(path: str, keywords) -> dict[str, str]:
     or unreadable tag is "". Values are returned to the caller only: never log them (they may be PHI)."""
     import pydicom
 
-    try:
-        ds = pydicom.dcmread(path, force=True, stop_before_pixels=True, specific_tags=list(keywords))
-    except Exception:
-        return {k: "" for k in keywords}
-    out = {}
-    for k in keywords:
+    with quiet():
         try:
-            v = ds.get(k, "")
-            out[k] = "" if v is None else str(v).strip()
+            ds = pydicom.dcmread(path, force=True, stop_before_pixels=True, specific_tags=list(keywords))
         except Exception:
-            out[k] = ""
+            return {k: "" for k in keywords}
+        out = {}
+        for k in keywords:
+            try:
+                v = ds.get(k, "")
+                out[k] = "" if v is None else str(v).strip()
+            except Exception:
+                out[k] = ""
     return out
 
 
 def frames(data: bytes, cfg: PreprocessConfig) -> list[tuple[int, np.ndarray, tuple[float, float] | None]]:
     """DICOM bytes -> [(frame index, uint8 (H, W) or (H, W, 3), (row, column) pixel spacing in mm or None)] for the
     frames that preprocess.multi_frame selects, windowed (see the module docstring)."""
+    with quiet():
+        return _frames(data, cfg)
+
+
+def _frames(data: bytes, cfg: PreprocessConfig) -> list[tuple[int, np.ndarray, tuple[float, float] | None]]:
     ds = read(data)
     count = _check(ds, cfg)
     chosen = select_frames(count, cfg.multi_frame)
@@ -160,12 +187,11 @@ def _check(ds, cfg: PreprocessConfig) -> int:
     except (ValueError, TypeError) as e:  # a malformed value (wrong VR, garbage digits)
         raise Rejected(f"malformed image header value ({type(e).__name__}: wrong VR or corrupt)") from None
     check_dims(cols, rows, cfg)
-    decoded = len(select_frames(count, cfg.multi_frame)) * rows * cols * samples * max(bits, 8) // 8
-    # the float32 working copy of the chosen frames is what peaks in memory
-    working = len(select_frames(count, cfg.multi_frame)) * rows * cols * samples * 4
-    if max(decoded, working) / MB > cfg.max_decoded_mb:
+    # the kept frames as decoded, or their float32 working copy (what peaks in memory), whichever is larger
+    size = len(select_frames(count, cfg.multi_frame)) * rows * cols * samples * max(bits, 32) // 8
+    if size / MB > cfg.max_decoded_mb:
         raise Rejected(f"too large to decode: {cols}x{rows} x {count} frame(s) x {samples} sample(s) x {bits} bits "
-                       f"takes {max(decoded, working) / MB:.0f} MB, over preprocess.max_decoded_mb={cfg.max_decoded_mb}")
+                       f"takes {size / MB:.0f} MB, over preprocess.max_decoded_mb={cfg.max_decoded_mb}")
     return count
 
 

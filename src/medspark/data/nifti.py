@@ -118,7 +118,10 @@ def select_slices(vol: np.ndarray, cfg: PreprocessConfig) -> list[int]:
 
 def slices(data: bytes, cfg: PreprocessConfig) -> list[tuple[int, np.ndarray, tuple[float, float]]]:
     """NIfTI bytes -> [(slice index, uint8 (H, W), (row, column) pixel spacing in mm)] (see the module docstring)."""
-    vol, zooms = load(data, cfg)
+    from medspark.data.dicom import quiet
+
+    with quiet("nibabel"):  # its header warnings may quote the free-text fields (descrip, aux_file)
+        vol, zooms = load(data, cfg)
     p, q = (a for a in range(3) if a != cfg.slice_axis)  # the slice's axes; rot90 puts q on rows (reversed)
     check_dims(vol.shape[p], vol.shape[q], cfg)
     chosen = select_slices(vol, cfg)

@@ -42,7 +42,7 @@ class PreprocessConfig:
     min_side: int = 16  # smaller images carry no usable anatomy: rejected, not upsampled
     max_pixels: int = 100_000_000  # declared sizes above this are rejected (decompression bombs)
     max_aspect: float = 10  # longer side / shorter side above this is rejected: a sliver pads to a black square
-    multi_frame: str = "reject"  # reject | first | middle | all: DICOM frames (GIF/TIFF pages: anything but reject = first)
+    multi_frame: str = "reject"  # reject | first | middle | all: DICOM frames (GIF/TIFF pages: not reject = first)
     max_decoded_mb: float = 128  # declared pixels x bytes per pixel above this is rejected before decoding
     max_file_mb: float = 128  # bigger files are rejected from their size, before a byte is read
     window: object = None  # DICOM VOI: None (the file's window, else percentiles) | [center, width] | a preset name
