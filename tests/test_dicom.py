@@ -421,3 +421,64 @@ def test_values_quoted_by_pydicoms_warnings_never_reach_logs_or_stderr(caplog, c
         w.simplefilter("always")
         pydicom.dcmread(io.BytesIO(bad)).NumberOfFrames
     assert any("ZoeDoe" in str(m.message) for m in seen) or "ZoeDoe" in caplog.text
+
+
+def write_dicom(grey: np.ndarray, *, monochrome1: bool = False, syntax: str = "ExplicitVRLittleEndian",
+                window: tuple[float, float] | None = (128, 256), **tags) -> bytes:
+    """A 12-bit-in-16 MR DICOM whose modality values (after its rescale) are the uint8 `grey`, as scanners write them:
+    stored = grey x 16 + 8 (12 bits) with RescaleSlope 1/16, RescaleIntercept -0.5 (MONOCHROME1: stored inverted).
+    The default window (128, 256) maps the values back to themselves. syntax: a pydicom.uid name; RLELossless and
+    JPEG2000Lossless are compressed by pydicom's own encoders. Extra tags (PatientID=...) are set as given."""
+    import pydicom.uid as uids
+    from pydicom.dataset import Dataset, FileMetaDataset
+
+    values = 255 - grey.astype(np.uint16) if monochrome1 else grey.astype(np.uint16)
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = uids.MRImageStorage
+    meta.MediaStorageSOPInstanceUID = uids.generate_uid()
+    meta.TransferSyntaxUID = uids.ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID, "MR"
+    ds.Rows, ds.Columns = grey.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME1" if monochrome1 else "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.RescaleSlope, ds.RescaleIntercept = "0.0625", "-0.5"
+    if window is not None:
+        ds.WindowCenter, ds.WindowWidth = window
+    for k, v in tags.items():
+        setattr(ds, k, v)
+    ds.PixelData = (values * 16 + 8).astype(np.uint16).tobytes()
+    if syntax != "ExplicitVRLittleEndian":
+        ds.compress(getattr(uids, syntax))
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+@pytest.mark.real_data
+@pytest.mark.parametrize("variant", [{}, {"monochrome1": True}, {"syntax": "RLELossless"},
+                                     {"syntax": "JPEG2000Lossless", "monochrome1": True}, {"window": None}])
+def test_real_brain_mris_as_scanner_dicom_decode_to_the_same_pixels_as_their_jpegs(variant):
+    """Real brain MRIs (../shared/datasets) written as 16-bit DICOM with a rescale, inverted or compressed: the
+    DICOM path gives the JPEG path's pixels (the file window maps the values back; without one, the percentile
+    window stretches them, still monotone)."""
+    from PIL import Image
+
+    from conftest import shared_dataset
+
+    folder = shared_dataset("brain-tumor-mri") / "Training" / "glioma"
+    cfg = PreprocessConfig(image_size=96, draft=False)
+    for path in sorted(folder.glob("*.jpg"))[:3]:
+        jpeg = path.read_bytes()
+        grey = np.asarray(Image.open(io.BytesIO(jpeg)).convert("L"))
+        data = write_dicom(grey, **variant)
+        got = decode_frames(data, cfg)
+        assert [i for i, _ in got] == [0]
+        if variant.get("window", (128, 256)) is None:
+            windowed = dicom.frames(data, cfg)[0][1]
+            lo, hi = np.percentile(grey, (0.5, 99.5))
+            assert_close(windowed, np.rint(np.clip((grey - lo) / (hi - lo) * 255, 0, 255)).astype(np.uint8))
+        else:
+            assert_close(dicom.frames(data, cfg)[0][1], grey)
+            assert_close(got[0][1], decode(jpeg, cfg))
