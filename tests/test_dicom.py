@@ -482,3 +482,12 @@ def test_real_brain_mris_as_scanner_dicom_decode_to_the_same_pixels_as_their_jpe
         else:
             assert_close(dicom.frames(data, cfg)[0][1], grey)
             assert_close(got[0][1], decode(jpeg, cfg))
+
+
+def test_missing_reader_package_is_a_rejection_not_a_crash(monkeypatch):
+    """A served model's environment without pydicom: DICOM bytes are rejected with the package to install."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "pydicom", None)  # import pydicom -> ImportError
+    with pytest.raises(Rejected, match=r"a DICOM/NIfTI file, but pydicom is not installed here"):
+        decode_frames(Path(get_testdata_file("CT_small.dcm")).read_bytes(), PreprocessConfig())

@@ -356,12 +356,16 @@ def decode_frames(data: bytes, cfg: PreprocessConfig) -> list[tuple[int, np.ndar
     _check_size(len(data), cfg.max_file_mb)
     from medspark.data import dicom, nifti  # lazy: they import this module; pydicom/nibabel load only when used
 
-    if nifti.is_nifti(data):
-        found = nifti.slices(data, cfg)
-    elif dicom.is_dicom(data) or dicom.is_bare_dataset(data):
-        found = dicom.frames(data, cfg)
-    else:
-        return [(0, decode(data, cfg))]
+    try:
+        if nifti.is_nifti(data):
+            found = nifti.slices(data, cfg)
+        elif dicom.is_dicom(data) or dicom.is_bare_dataset(data):
+            found = dicom.frames(data, cfg)
+        else:
+            return [(0, decode(data, cfg))]
+    except ImportError as e:  # an environment built without the medical extras (a served model's, say)
+        raise Rejected(f"a DICOM/NIfTI file, but {e.name or 'its reader'} is not installed here (requirements.txt "
+                       f"pins pydicom, the pylibjpeg plugins and nibabel)") from None
     scaled = cfg.pixel_spacing_mm is not None
     return [(i, finish(resample(Image.fromarray(a), spacing, cfg.pixel_spacing_mm), cfg, keep_scale=scaled))
             for i, a, spacing in found]
