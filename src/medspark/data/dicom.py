@@ -136,18 +136,22 @@ def frames(data: bytes, cfg: PreprocessConfig) -> list[tuple[int, np.ndarray, tu
     """DICOM bytes -> [(frame index, uint8 (H, W) or (H, W, 3), (row, column) pixel spacing in mm or None)] for the
     frames that preprocess.multi_frame selects, windowed (see the module docstring)."""
     with quiet():
-        return _frames(data, cfg)
+        try:
+            return _frames(data, cfg)
+        except (Rejected, MemoryError, ImportError):
+            raise
+        except Exception as e:  # a malformed value met later than the header checks: still this file's problem only
+            raise Rejected(f"DICOM cannot be decoded ({type(e).__name__}: malformed or unusual header)") from None
 
 
 def _frames(data: bytes, cfg: PreprocessConfig) -> list[tuple[int, np.ndarray, tuple[float, float] | None]]:
     ds = read(data)
     count = _check(ds, cfg)
-    chosen = select_frames(count, cfg.multi_frame)
-    raw = [(i, _pixels(ds, None if count == 1 else i)) for i in chosen]
     spacing = pixel_spacing(ds)
     if cfg.pixel_spacing_mm is not None and spacing is None:
         raise Rejected(f"no PixelSpacing or ImagerPixelSpacing: cannot resample to preprocess.pixel_spacing_mm="
                        f"{cfg.pixel_spacing_mm} (set it to null to keep each file's pixel size)")
+    raw = [(i, _pixels(ds, None if count == 1 else i)) for i in select_frames(count, cfg.multi_frame)]
     photometric = str(ds.get("PhotometricInterpretation", "")).strip().upper()
     if photometric in _COLOUR or int(ds.get("SamplesPerPixel", 1) or 1) == 3:
         return [(i, _colour(a, ds, photometric), spacing) for i, a in raw]

@@ -121,7 +121,12 @@ def slices(data: bytes, cfg: PreprocessConfig) -> list[tuple[int, np.ndarray, tu
     from medspark.data.dicom import quiet
 
     with quiet("nibabel"):  # its header warnings may quote the free-text fields (descrip, aux_file)
-        vol, zooms = load(data, cfg)
+        try:
+            vol, zooms = load(data, cfg)
+        except (Rejected, MemoryError, ImportError):
+            raise
+        except Exception as e:  # what load's own checks did not foresee: still this file's problem only
+            raise Rejected(f"NIfTI cannot be read ({type(e).__name__}: malformed or unusual header)") from None
     p, q = (a for a in range(3) if a != cfg.slice_axis)  # the slice's axes; rot90 puts q on rows (reversed)
     check_dims(vol.shape[p], vol.shape[q], cfg)
     chosen = select_slices(vol, cfg)
