@@ -271,6 +271,8 @@ def test_pixel_spacing_resamples_to_the_configured_mm_per_pixel():
         decode_frames(no_spacing, PreprocessConfig(pixel_spacing_mm=1.0))
     imager = with_changes("CT_small.dcm", PixelSpacing=None, ImagerPixelSpacing=[0.5, 0.25])
     assert dicom.frames(imager, PreprocessConfig())[0][2] == (0.5, 0.25)
+    with pytest.raises(Rejected, match=r"too large once resampled: 128x128 at 0.661468x0.661468 mm is 8467x8467"):
+        decode_frames(data, PreprocessConfig(pixel_spacing_mm=0.01, max_pixels=10_000_000))
 
 
 def test_size_guards_judge_the_header_before_decoding():
@@ -348,7 +350,7 @@ def test_read_tags_reads_the_header_only_and_gives_empty_strings_for_missing_tag
     assert dicom.read_tags(str(garbage), ["PatientID"]) == {"PatientID": ""}
 
 
-@pytest.mark.parametrize("kw, key", [({"window": "kidney"}, "window"), ({"window": [40, 0]}, "window"),
+@pytest.mark.parametrize("kw, key", [({"window": "kidney"}, "window"), ({"window": [40, 0.5]}, "window"),
                                      ({"window": [40]}, "window"), ({"percentiles": [99, 1]}, "percentiles"),
                                      ({"percentiles": [0, 101]}, "percentiles"),
                                      ({"pixel_spacing_mm": 0}, "pixel_spacing_mm"),

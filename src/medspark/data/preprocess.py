@@ -81,9 +81,9 @@ class PreprocessConfig:
         problems = []
         w = self.window
         if w is not None and not (isinstance(w, str) and w.lower() in WINDOW_PRESETS) and not (
-                isinstance(w, (list, tuple)) and len(w) == 2 and all(_number(x) for x in w) and w[1] > 0):
+                isinstance(w, (list, tuple)) and len(w) == 2 and all(_number(x) for x in w) and w[1] >= 1):
             problems.append(f"preprocess.window={w!r} must be null (the file's own window), [center, width] with "
-                            f"width > 0, or a preset: {', '.join(WINDOW_PRESETS)}")
+                            f"width >= 1, or a preset: {', '.join(WINDOW_PRESETS)}")
         p = self.percentiles
         if not (isinstance(p, (list, tuple)) and len(p) == 2 and all(_number(x) for x in p)
                 and 0 <= p[0] < p[1] <= 100):
@@ -367,8 +367,7 @@ def decode_frames(data: bytes, cfg: PreprocessConfig) -> list[tuple[int, np.ndar
         raise Rejected(f"a DICOM/NIfTI file, but {e.name or 'its reader'} is not installed here (requirements.txt "
                        f"pins pydicom, the pylibjpeg plugins and nibabel)") from None
     scaled = cfg.pixel_spacing_mm is not None
-    return [(i, finish(resample(Image.fromarray(a), spacing, cfg.pixel_spacing_mm), cfg, keep_scale=scaled))
-            for i, a, spacing in found]
+    return [(i, finish(resample(Image.fromarray(a), spacing, cfg), cfg, keep_scale=scaled)) for i, a, spacing in found]
 
 
 def percentile_window(values: list[np.ndarray], percentiles) -> tuple[float, float]:
@@ -398,12 +397,17 @@ def is_medical(data: bytes) -> bool:
     return dicom.is_dicom(data) or nifti.is_nifti(data) or dicom.is_bare_dataset(data)
 
 
-def resample(img: Image.Image, spacing: tuple[float, float] | None, target_mm: float | None) -> Image.Image:
-    """Resize to target_mm per pixel from the (row, column) spacing in mm; unchanged when either is None."""
-    if spacing is None or target_mm is None:
+def resample(img: Image.Image, spacing: tuple[float, float] | None, cfg: PreprocessConfig) -> Image.Image:
+    """Resize to preprocess.pixel_spacing_mm per pixel from the (row, column) spacing in mm; unchanged when either
+    is None. The resampled size answers to preprocess.max_pixels like a declared one (10 mm pixels at 0.1 mm)."""
+    target = cfg.pixel_spacing_mm
+    if spacing is None or target is None:
         return img
     w, h = img.size
-    size = (max(1, round(w * spacing[1] / target_mm)), max(1, round(h * spacing[0] / target_mm)))
+    size = (max(1, round(w * spacing[1] / target)), max(1, round(h * spacing[0] / target)))
+    if size[0] * size[1] > cfg.max_pixels:
+        raise Rejected(f"too large once resampled: {w}x{h} at {spacing[1]}x{spacing[0]} mm is {size[0]}x{size[1]} at "
+                       f"preprocess.pixel_spacing_mm={target}, over preprocess.max_pixels={cfg.max_pixels}")
     return img if size == img.size else img.resize(size, Image.BILINEAR)
 
 
