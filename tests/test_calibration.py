@@ -72,7 +72,7 @@ def test_temperature_scaling_softens_an_over_confident_model_and_lowers_validati
     z, _, y = sample(5_000, seed=3)
     over = softmax(2.5 * z)  # probabilities sharpened by a power: p**2.5, renormalized
     t = fit_temperature(y, over)
-    assert t > 1 and t == pytest.approx(2.5, rel=0.1)
+    assert t > 1 and t == pytest.approx(2.5, rel=0.1) and not calibration.at_bound(y, over, t)
     after = apply_temperature(over, t)
     assert ece(y, after) < ece(y, over) / 3
     np.testing.assert_array_equal(after.argmax(1), over.argmax(1))  # accuracy cannot change
@@ -103,6 +103,15 @@ def test_temperature_is_fitted_on_the_validation_split_only(tmp_path):
     assert m["test_ece"] > m["test_ece_before_temperature"], "a temperature from another split makes test worse"
     assert m["test_brier"] == pytest.approx(brier(y_test, cal.test))
     assert m["test_ece_adaptive"] == pytest.approx(ece(y_test, cal.test, adaptive=True))
+
+
+def test_a_perfectly_separated_validation_split_puts_the_temperature_at_its_bound_and_says_so(tmp_path, caplog):
+    y = np.array([0, 1, 2] * 20)
+    p = softmax(np.eye(3)[y] * 2.0)  # every validation image right: sharper is always likelier
+    cal = calibrate(y, p, y, p, False, Options(), tmp_path)
+    assert cal.temperature < 0.1 and calibration.at_bound(y, p, cal.temperature)
+    assert "the search's bound" in caplog.text and "evaluate.temperature=false" in caplog.text
+    assert cal.note.startswith("at the search's bound")
 
 
 def test_no_validation_split_or_temperature_off_keeps_the_network_probabilities(tmp_path):

@@ -19,6 +19,7 @@ T to its outputs. numpy here; scipy inside `fit_temperature`; matplotlib inside 
 from __future__ import annotations
 
 import csv
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,7 @@ DEFAULT_BINS = 15
 LOG_T_BOUNDS = (np.log(0.05), np.log(20.0))  # a temperature outside this says something is broken, not overconfident
 _SOFTMAX_EPS = 1e-12  # float32 softmax outputs can be exactly 0: log p needs a floor
 _SIGMOID_EPS = 1e-7   # float32 sigmoid outputs saturate at exactly 0 and 1: logit(p) needs both clipped
+log = logging.getLogger("medspark.calibration")
 CSV_COLUMNS = ("split", "temperature", "binning", "bin", "lower", "upper", "count", "confidence", "accuracy")
 
 
@@ -177,6 +179,15 @@ def fit_temperature(y_val, probs_val, multilabel: bool = False) -> float:
     return float(np.exp(res.x))
 
 
+def at_bound(y_val, probs_val, temperature: float, multilabel: bool = False) -> bool:
+    """True when a bound of LOG_T_BOUNDS fits the validation split as well as `temperature` does (within float
+    noise): the likelihood kept improving towards it, e.g. a split the model gets all right with confidence."""
+    y, p = _checked(y_val, probs_val, multilabel)
+    z = logits(p, multilabel)
+    best = nll(y, z, temperature, multilabel)
+    return any(nll(y, z, float(np.exp(b)), multilabel) <= best + 1e-9 * (1 + abs(best)) for b in LOG_T_BOUNDS)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # the evaluation's calibration part
 
@@ -200,6 +211,11 @@ def calibrate(y_test, p_test, y_val, p_val, multilabel: bool, options: Options, 
     has_val = y_val is not None and len(y_val) > 0
     if options.temperature and has_val:
         t, note = fit_temperature(y_val, p_val, multilabel), "fitted on the validation split"
+        if at_bound(y_val, p_val, t, multilabel):
+            note = f"at the search's bound: {note}"
+            log.warning("evaluate.temperature: the validation likelihood kept improving up to T=%.3g, the search's "
+                        "bound (a validation split the model gets all right and sure, or all wrong): the temperature "
+                        "says little; a larger validation split, or evaluate.temperature=false, avoids it", t)
     else:
         t = 1.0
         note = "evaluate.temperature=false" if not options.temperature else "no validation split: not fitted"
