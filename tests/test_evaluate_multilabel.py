@@ -276,6 +276,7 @@ def test_training_a_multilabel_dataset_evaluates_ships_thresholds_and_judges_on_
 
     from conftest import make_cfg
     from medspark import serving
+    from medspark.calibration import apply_temperature
     from medspark.data import loader
     from medspark.train import train
 
@@ -307,6 +308,8 @@ def test_training_a_multilabel_dataset_evaluates_ships_thresholds_and_judges_on_
     files = [serving.png_bytes(im) for im in data["image"][:8]]
     out = clf.predict(pd.DataFrame({"image": files}))
     ref = np.asarray(keras_model.predict(data["image"][:8].astype(np.float32), verbose=0), np.float64)
+    ref = apply_temperature(ref, m["temperature"], multilabel=True)  # the classifier's probabilities are calibrated
+    assert clf.metadata.metadata["medspark"]["temperature"] == pytest.approx(m["temperature"], rel=1e-12)
     np.testing.assert_allclose(out[[f"prob_{f}" for f in HAND]].to_numpy(np.float64), ref, rtol=1e-4, atol=1e-5)
     t = np.array([thresholds[f] for f in HAND])
     assert out["findings"].tolist() == ["|".join(f for f, on in zip(HAND, r >= t) if on) or "No Finding" for r in ref]

@@ -64,6 +64,7 @@ def test_full_run_learns_every_finding_and_logs_multilabel_evidence(single_run, 
     # the thresholds chosen on val ship with the classifier, which answers one probability per finding
     thresholds = json.loads(mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/evaluation/thresholds.json"))
     assert set(thresholds) >= set(data.classes)
+    from medspark.calibration import apply_temperature
     from medspark.data.loader import read_arrays
     from medspark.serving import png_bytes
 
@@ -76,7 +77,8 @@ def test_full_run_learns_every_finding_and_logs_multilabel_evidence(single_run, 
     classifier = mlflow.pyfunc.load_model(summary["classifier_uri"])
     out = classifier.predict(pd.DataFrame({"image": [png_bytes(im) for im in images]}))
     probs = out[[c for c in out.columns if c.startswith("prob_")]].to_numpy(dtype=float)  # None: a failed row
-    np.testing.assert_allclose(probs, keras_probs, atol=2e-3)  # PNG round trip of the same pixels
+    calibrated = apply_temperature(keras_probs, m["temperature"], multilabel=True)  # what the classifier ships
+    np.testing.assert_allclose(probs, calibrated, atol=2e-3)  # PNG round trip of the same pixels
     assert all(set(f.split("|")) <= set(data.classes) | {"No Finding"} for f in out["findings"])
 
 

@@ -31,6 +31,7 @@ from mlflow.exceptions import MlflowException
 from PIL import Image
 
 from medspark import predict
+from medspark.calibration import apply_temperature
 from medspark.data.preprocess import PreprocessConfig, Rejected, decode, read_bytes
 from medspark.serving import ServingLimits
 
@@ -114,8 +115,9 @@ def training_preprocess(run) -> PreprocessConfig:
                             max_pixels=int(p["preprocess.max_pixels"]))
 
 
-def keras_reference(keras_model, cfg: PreprocessConfig, paths) -> dict[str, np.ndarray | None]:
-    """What training would have fed the network for each file, through the Keras model; None = rejected."""
+def keras_reference(keras_model, cfg: PreprocessConfig, paths, temperature: float) -> dict[str, np.ndarray | None]:
+    """What training would have fed the network for each file, through the Keras model, scaled by the temperature
+    the run's evaluation fitted (medspark.calibration); None = rejected."""
     out, arrays, ok = {}, [], []
     for p in paths:
         try:
@@ -123,7 +125,7 @@ def keras_reference(keras_model, cfg: PreprocessConfig, paths) -> dict[str, np.n
             ok.append(str(p))
         except Rejected:
             out[str(p)] = None
-    probs = keras_model.predict(np.stack(arrays).astype("float32"), verbose=0)
+    probs = apply_temperature(keras_model.predict(np.stack(arrays).astype("float32"), verbose=0), temperature)
     out.update(dict(zip(ok, probs)))
     return out
 
@@ -164,7 +166,7 @@ def test_packaged_model_predicts_raw_files_like_keras_on_the_training_preprocess
     assert pyfunc.unwrap_python_model().preprocess == cfg, "the packaged preprocessing is the training one"
     assert pyfunc.unwrap_python_model().limits == LIMITS, "the run's serving: limits are baked into the model"
     paths = list(trained["files"].values())
-    reference = keras_reference(keras_model, cfg, paths)
+    reference = keras_reference(keras_model, cfg, paths, trained["run"].data.metrics["temperature"])
     rejected = {Path(p).name for p, r in reference.items() if r is None}
     assert rejected == {"truncated.png", "notes.txt", "Thumbs.db"}
 
@@ -257,7 +259,8 @@ def test_cli_writes_the_csv_and_spark_gives_the_same_predictions(trained, models
     assert a["error"].fillna("").tolist() == b["error"].fillna("").tolist()
     np.testing.assert_allclose(a.iloc[:, 2:-1].to_numpy(float), b.iloc[:, 2:-1].to_numpy(float), rtol=1e-4,
                                atol=1e-6, equal_nan=True)
-    reference = keras_reference(models["keras"], training_preprocess(trained["run"]), expected)
+    reference = keras_reference(models["keras"], training_preprocess(trained["run"]), expected,
+                                trained["run"].data.metrics["temperature"])
     assert_matches(a, expected, reference)
 
 

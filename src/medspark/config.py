@@ -77,6 +77,10 @@ def check(cfg: DictConfig) -> None:
             from .serving import ServingLimits
 
             ServingLimits.from_mapping(OmegaConf.to_container(cfg.serving, resolve=True))
+        if cfg.get("evaluate") is not None:  # used after training: a typo must not cost a whole training run
+            from .calibration import Options
+
+            Options.from_mapping(OmegaConf.to_container(cfg.evaluate, resolve=True))
     except ValueError as e:
         raise ConfigError(str(e)) from None
     TrainConfig.from_cfg(cfg.train)

@@ -641,15 +641,17 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
         w.writerows({c: ("" if r[c] is None else r[c]) for c in REPORT_COLUMNS} for r in rows)
 
 
-def predict_split(model, data, split: str) -> tuple[np.ndarray, np.ndarray]:
+def predict_split(model, data, split: str, tta_mode: str = "none") -> tuple[np.ndarray, np.ndarray]:
     """(labels, probabilities) of one split of `data` (data.materialize.Materialized), predicted batch by batch
-    (never all images in memory): labels (N,) class indices, or (N, K) multi-hot for multilabel."""
+    (never all images in memory): labels (N,) class indices, or (N, K) multi-hot for multilabel. tta_mode: test-time
+    augmentation (medspark.tta: none | flip | flip_shift), the probabilities averaged over its views."""
+    from . import tta
     from .data import loader
 
     probs, labels = [], []
     k = len(data.classes) if data.multilabel else None
     for x, y in loader.dataset(data.split_url(split), data.shape, 128, training=False, num_classes=k):
-        probs.append(model.predict_on_batch(x))
+        probs.append(tta.predict(model.predict_on_batch, x, tta_mode))
         labels.append(y.numpy())
     return np.concatenate(labels), np.concatenate(probs)
 
@@ -659,21 +661,47 @@ def evaluate_split(model, data, out_dir, history=None, options: Mapping | None =
     multiclass) or `evaluate_multilabel` (data.task multilabel: thresholds chosen on the validation split) into
     out_dir/evaluation; metrics and files are logged to the active MLflow run. options: the run's `evaluate:`
     config (a mapping; None = its defaults). Returns (metrics, shipped): what the packaged classifier ships with,
-    chosen on the validation split (serving.log_model's `shipped`): {"thresholds": {finding: t}} for multilabel."""
+    chosen on the validation split (serving.log_model's `shipped`): {"thresholds": {finding: t}} for multilabel,
+    "temperature" (medspark.calibration) and "tta" (medspark.tta).
+
+    Predictions use evaluate.tta's views. The temperature is fitted on the validation split and applied to both
+    splits' probabilities (calibration metrics, reliability.png, calibration.csv); the metrics that existed before
+    calibration stay computed on the network's own probabilities, so their values do not change with it (argmax
+    and ranking metrics could not; log loss and the multilabel thresholds would), and multilabel thresholds ship
+    converted to the calibrated scale, where they make the same decisions."""
     import mlflow
 
+    from . import calibration
+
+    opts = calibration.Options.from_mapping(options)
     out = Path(out_dir) / "evaluation"
-    y, p = predict_split(model, data, "test")
+    y, p = predict_split(model, data, "test", opts.tta)
+    want_val = data.sizes.get("val") and (data.multilabel or opts.temperature)
+    y_val, p_val = predict_split(model, data, "val", opts.tta) if want_val else (None, None)
+    cal = calibration.calibrate(y, p, y_val, p_val, data.multilabel, opts, out)  # T from val only
     if data.multilabel:
-        y_val, p_val = predict_split(model, data, "val") if data.sizes.get("val") else (None, None)
         metrics, files, thresholds = evaluate_multilabel(y, p, data.classes, out, y_val=y_val, probs_val=p_val,
                                                          history=history)
+        if cal.temperature != 1.0:  # the classifier compares calibrated probabilities with them
+            scaled = calibration.apply_temperature(np.array([list(thresholds.values())]), cal.temperature, True)[0]
+            thresholds = {c: float(t) for c, t in zip(thresholds, scaled)}
+            (out / "thresholds.json").write_text(json.dumps(thresholds, indent=2, ensure_ascii=False), encoding="utf-8")
     else:
         (metrics, files), thresholds = evaluate(y, p, data.classes, out, history=history), None
+    metrics.update(cal.metrics)
+    files += cal.files
+    if opts.tta != "none":  # the same split without test-time augmentation, so that its gain is visible
+        y0, p0 = predict_split(model, data, "test")
+        if data.multilabel:
+            plain = multilabel_metrics(y0, p0, data.classes, prefix="test_")
+            metrics |= {"test_mean_auc_no_tta": plain["test_mean_auc"]} if "test_mean_auc" in plain else {}
+        else:
+            metrics["test_accuracy_no_tta"] = float((np.asarray(p0).argmax(axis=1) == y0).mean())
     mlflow.log_metrics(metrics)
     for f in files:
         mlflow.log_artifact(str(f), "evaluation")
     from .evaluate_sources import log_source_metrics  # test metrics per source of a merged dataset
 
     metrics.update(log_source_metrics(data, y, p))
-    return metrics, ({"thresholds": thresholds} if thresholds is not None else {})
+    shipped = {"temperature": cal.temperature, "tta": opts.tta}
+    return metrics, ({"thresholds": thresholds, **shipped} if thresholds is not None else shipped)

@@ -15,6 +15,9 @@ Single-label models answer the most probable class. A multilabel model answers e
 `findings`, the findings whose probability reaches that finding's threshold (chosen on the validation split when
 the model was trained, see medspark.evaluate.THRESHOLD_RULE), joined by "|" as NIH ChestX-ray14's CSV writes them,
 "No Finding" when there is none. Models logged before tasks existed carry no task: they are single-label.
+The probabilities are the network's averaged over the test-time augmentation views the run evaluated with (`tta`)
+and then temperature-scaled with the temperature fitted on its validation split (`temperature`), so they are the
+calibrated probabilities the run's evaluation measured; models logged before either existed use none (T = 1).
 
 A served request is untrusted. The run's `serving:` limits (`ServingLimits`, baked into the model when it is
 logged) bound what one call may cost: images per call, their bytes, and each image's declared size, checked on
@@ -27,7 +30,9 @@ stack trace: unexpected errors go to the server's log.
 What the logged model contains (`log_model`):
   artifacts/model.keras       the trained network (Keras 3 format)
   artifacts/preprocess.json   {"preprocess": PreprocessConfig fields, "classes": [...], "serving": limits,
-                              "task": "binary" | "multiclass" | "multilabel", "thresholds": {finding: t} (multilabel)}
+                              "task": "binary" | "multiclass" | "multilabel", "thresholds": {finding: t} (multilabel),
+                              "temperature": T (medspark.calibration; 1.0 = the network's own probabilities),
+                              "tta": "none" | "flip" | "flip_shift" (medspark.tta)}
   code/medspark/              this package's source, so the model loads where medspark is not installed
   python_model.pkl            an `ImageClassifier` (pickled by reference to this module)
 plus a signature (input `image` binary; outputs as above), an input example (one PNG from the test split) and
@@ -53,6 +58,8 @@ import mlflow.pyfunc
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import BAD_REQUEST, INTERNAL_ERROR
 
+from . import calibration
+from . import tta as _tta  # log_model's `tta` argument shadows the module's name
 from .data import targets
 from .data.preprocess import MB, PreprocessConfig, Rejected, bytes_per_pixel, decode
 
@@ -131,6 +138,14 @@ def check_thresholds(thresholds, classes) -> dict[str, float]:
     return out
 
 
+def check_temperature(temperature) -> float:
+    """A temperature as a positive finite float (medspark.calibration.fit_temperature's)."""
+    t = float(temperature)
+    if not math.isfinite(t) or t <= 0:
+        raise ValueError(f"temperature must be a positive number, got {temperature!r}")
+    return t
+
+
 def _missing(v) -> bool:
     return v is None or v is pd.NA or (isinstance(v, float) and math.isnan(v))
 
@@ -204,6 +219,8 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
         if self.task == "multilabel":
             t = check_thresholds(meta.get("thresholds"), self.classes)
             self.thresholds = np.array([t[c] for c in self.classes])
+        self.temperature = float(meta.get("temperature", 1.0))  # logged before calibration: the raw outputs
+        self.tta = _tta.check_mode(meta.get("tta", "none"))
         self.model = keras.saving.load_model(context.artifacts[KERAS_ARTIFACT], compile=False)
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
@@ -275,10 +292,12 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
 
     def predict_arrays(self, images: np.ndarray) -> np.ndarray:
         """uint8 (N, H, W, C) from `decode` -> float64 probabilities, exactly as evaluation fed the network
-        (float32 pixels in 0..255)."""
+        (float32 pixels in 0..255), averaged over the `tta` views, then temperature-scaled."""
         x = images.astype(np.float32)
-        return np.concatenate([np.asarray(self.model.predict_on_batch(x[i:i + self.batch_size]), np.float64)
-                               for i in range(0, len(x), self.batch_size)])
+        probs = np.concatenate([np.asarray(_tta.predict(self.model.predict_on_batch, x[i:i + self.batch_size],
+                                                       self.tta), np.float64)
+                                for i in range(0, len(x), self.batch_size)])
+        return calibration.apply_temperature(probs, self.temperature, self.task == "multilabel")
 
 
 def png_bytes(image: np.ndarray) -> bytes:
@@ -321,16 +340,18 @@ def pip_requirements() -> list[str]:
 
 def log_model(keras_model, preprocess: PreprocessConfig, classes, example_images=None, name: str = "classifier",
               registered_model_name: str | None = None, limits: ServingLimits | None = None,
-              task: str | None = None, thresholds=None):
+              task: str | None = None, thresholds=None, temperature: float = 1.0, tta: str = "none"):
     """Log the packaged classifier into the active run; returns MLflow's ModelInfo.
     example_images: uint8 (N, H, W, C) training-preprocessed images; the first becomes the input example
     (as a PNG file, which is what callers send). limits: the run's `serving:` config (None = the defaults).
     task: the dataset's (None: from the class count); multilabel needs `thresholds`, {finding: t} or one per class
-    in order (evaluate.evaluate_split's)."""
+    in order (evaluate.evaluate_split's). temperature: the scale fitted on the validation split
+    (medspark.calibration), applied to every prediction; tta: the test-time augmentation views (medspark.tta)."""
     classes = [str(c) for c in classes]
     limits = asdict(limits or ServingLimits())
     task = targets.task_of(task, classes)
-    labels = {"task": task, **({"thresholds": check_thresholds(thresholds, classes)} if task == "multilabel" else {})}
+    labels = {"task": task, **({"thresholds": check_thresholds(thresholds, classes)} if task == "multilabel" else {}),
+              "temperature": check_temperature(temperature), "tta": _tta.check_mode(tta)}
     with tempfile.TemporaryDirectory(prefix="medspark-classifier-") as tmp:
         tmp = Path(tmp)
         keras_model.save(tmp / "model.keras")
