@@ -105,13 +105,15 @@ def test_temperature_is_fitted_on_the_validation_split_only(tmp_path):
     assert m["test_ece_adaptive"] == pytest.approx(ece(y_test, cal.test, adaptive=True))
 
 
-def test_a_perfectly_separated_validation_split_puts_the_temperature_at_its_bound_and_says_so(tmp_path, caplog):
+def test_a_validation_split_that_drives_the_temperature_to_its_bound_gets_none_and_says_so(tmp_path, caplog):
     y = np.array([0, 1, 2] * 20)
     p = softmax(np.eye(3)[y] * 2.0)  # every validation image right: sharper is always likelier
+    t = calibration.fit_temperature(y, p)
+    assert t < 0.1 and calibration.at_bound(y, p, t)
     cal = calibrate(y, p, y, p, False, Options(), tmp_path)
-    assert cal.temperature < 0.1 and calibration.at_bound(y, p, cal.temperature)
-    assert "the search's bound" in caplog.text and "evaluate.temperature=false" in caplog.text
-    assert cal.note.startswith("at the search's bound")
+    assert cal.temperature == 1.0 and np.array_equal(cal.test, p), "a temperature the split cannot pin is not shipped"
+    assert "the search's bound" in caplog.text and "none is applied" in caplog.text
+    assert cal.note.startswith("not applied")
 
 
 def test_no_validation_split_or_temperature_off_keeps_the_network_probabilities(tmp_path):

@@ -212,10 +212,10 @@ def calibrate(y_test, p_test, y_val, p_val, multilabel: bool, options: Options, 
     if options.temperature and has_val:
         t, note = fit_temperature(y_val, p_val, multilabel), "fitted on the validation split"
         if at_bound(y_val, p_val, t, multilabel):
-            note = f"at the search's bound: {note}"
             log.warning("evaluate.temperature: the validation likelihood kept improving up to T=%.3g, the search's "
-                        "bound (a validation split the model gets all right and sure, or all wrong): the temperature "
-                        "says little; a larger validation split, or evaluate.temperature=false, avoids it", t)
+                        "bound (a validation split the model gets all right and sure, or all wrong): it cannot pin "
+                        "down a temperature, so none is applied (T=1); a larger validation split gives one", t)
+            t, note = 1.0, f"not applied: the validation split drove T to the search's bound ({t:.3g})"
     else:
         t = 1.0
         note = "evaluate.temperature=false" if not options.temperature else "no validation split: not fitted"
