@@ -56,7 +56,8 @@ def full_evaluation(tmp_path):
     (ev / "gradcam" / "gallery.json").write_text(json.dumps([
         {"file": "a.png", "true": "glioma", "predicted": "glioma", "probability": 0.97, "kind": "confident_correct"},
         {"file": "../../b.png", "true": EVIL, "predicted": "glioma", "probability": 0.91, "kind": "confident_wrong"},
-        {"file": "gone.png", "true": "glioma", "predicted": "glioma", "probability": 0.5, "kind": "confident_correct"}]))
+        {"file": "gone.png", "true": "glioma", "predicted": "glioma", "probability": 0.5,
+         "kind": "confident_correct"}]))
     metrics = {"test_accuracy": 0.85, "test_accuracy_ci_low": 0.8, "test_accuracy_ci_high": 0.9, "test_macro_f1": 0.84,
                "test_n": 10.0, "test_ece": 0.031, "test_brier": 0.12, "temperature": 1.7, "test_op_sensitivity": 0.9,
                "test_sensitivity_at_spec_90": 0.88, "test_pointing_game": 0.93}

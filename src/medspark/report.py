@@ -99,7 +99,8 @@ def data_section(data, run: Mapping) -> str:
              f"{len(data.classes)} {'findings' if data.multilabel else 'classes'}; data fingerprint "
              f"<code>{esc(data.fingerprint)}</code>. {fmt(data.listed)} files listed, {fmt(data.accepted)} accepted, "
              f"{fmt(len(data.rejected))} rejected.</p>"]
-    splits = [s for s in ("train", "val", "test") if s in data.sizes] + sorted(set(data.sizes) - {"train", "val", "test"})
+    usual = ("train", "val", "test")
+    splits = [s for s in usual if s in data.sizes] + sorted(set(data.sizes) - set(usual))
     rows = [[c] + [data.per_class.get(s, {}).get(c, 0) for s in splits] for c in data.classes]
     rows.append(["all images"] + [data.sizes.get(s, 0) for s in splits])
     parts.append("<h3>Images per split and " + ("finding (positives)" if data.multilabel else "class") + "</h3>"
@@ -152,7 +153,9 @@ def metrics_section(evaluation: Path, metrics: Mapping) -> str:
     for k in names:
         low, high = metrics.get(k + CI_LOW), metrics.get(k + CI_HIGH)
         interval = f"[{fmt(float(low))}, {fmt(float(high))}]" if low is not None and high is not None else ""
-        rows.append([k.removeprefix("test_"), float(metrics[k]), interval])
+        value = float(metrics[k])
+        count = k == "test_n" or k.startswith("test_support") or k.endswith("_n")  # images, not a rate
+        rows.append([k.removeprefix("test_"), int(value) if count and value.is_integer() else value, interval])
     intervals = read_csv(evaluation / "intervals.csv")
     note = ("<p>No confidence intervals: " + NOT_MEASURED + ".</p>" if not any(r[2] for r in rows) else "")
     if intervals:
@@ -233,7 +236,8 @@ def model_card_section(data, metrics: Mapping, run: Mapping) -> str:
                                           else "not calibrated") + "; thresholds are chosen on the validation split.")
     uri, keras = run.get("classifier_uri"), run.get("model_uri")
     load = (f"<pre>import mlflow\nclassifier = mlflow.pyfunc.load_model(\"{esc(uri)}\")  # image bytes in\n"
-            f"# or: medspark predict model={esc(uri)} input=&lt;image or folder&gt;</pre>" if uri else missing("model URI"))
+            f"# or: medspark predict model={esc(uri)} input=&lt;image or folder&gt;</pre>"
+            if uri else missing("model URI"))
     if keras:
         load += f"<p>The Keras network alone (float32 arrays in): <code>{esc(keras)}</code>.</p>"
     return (f'<p class="warn"><b>Intended use: research only. This model is not a medical device</b> and must not '
