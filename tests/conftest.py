@@ -51,3 +51,11 @@ def make_cfg(tmp_path: Path, overrides: list[str] = ()):
 @pytest.fixture
 def cfg_factory(tmp_path):
     return lambda *overrides: make_cfg(tmp_path, list(overrides))
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """One headless Chromium (selenium) for the whole test session: tests/browser.py."""
+    from browser import chrome
+
+    yield from chrome()

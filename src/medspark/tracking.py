@@ -674,6 +674,7 @@ def summary_lines(summary: dict, uri: str, json_path: str | Path | None = None) 
              f"model:      {summary['model_uri']}   classifier: {summary.get('classifier_uri', '')}",
              f"champion:   {crown or 'n/a'}",
              f"run id:     {summary['run_id']}" + (f"   summary: {json_path}" if json_path else ""),
+             *([f"report:     {summary['report']}"] if summary.get("report") else []),
              f"MLflow UI:  {store_uri_for_ui(uri)}   (then open http://127.0.0.1:5000)"]
     return lines
 

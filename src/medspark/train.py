@@ -14,7 +14,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from . import evaluate, pipeline, registry, resume, tracking
+from . import evaluate, pipeline, registry, report, resume, tracking
 from .cli import command_errors
 from .config import OBJECTIVE_TAG, config_dir, exit_on_bad_overrides, objective_metric
 
@@ -62,6 +62,7 @@ def train(cfg: DictConfig, overrides: list[str] | tuple = (), spark=None) -> flo
         objective = float(metrics.get(key, float("nan")))
         champion = registry.promote(cfg.tracking, models, key, objective)  # both models' alias together
         summary = tracking.run_summary(cfg, stage.run, models, metrics, result, speed, timings, champion, key)
+        summary["report"] = report.log_report(Path(tmp), metrics, data, cfg, summary)  # report.html
         mlflow.log_dict(summary, "summary.json")
     tracking.print_summary(summary, cfg.tracking.uri, json_path=tracking.write_summary(summary),
                            print_json=bool(cfg.tracking.get("print_summary_json")))
