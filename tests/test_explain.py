@@ -312,3 +312,37 @@ def test_explain_command_writes_overlays_beside_a_predictions_csv(trained, tmp_p
     for name in drawn["overlay"]:
         assert "Doe" not in name and Image.open(out / name).size == (SIZE, SIZE)
     assert sorted(p.name for p in out.iterdir()) == sorted([*drawn["overlay"], "predictions.csv"])
+
+
+@pytest.mark.slow
+def test_multilabel_gallery_shows_each_findings_most_confident_positives(spark, tmp_path):
+    """A multilabel model (sigmoid head, untrained: this is about what is drawn, not how well): per finding, its most
+    confident true positives and false positives, `true` in the NIH text form; no pointing game (no masks)."""
+    from medspark.config import compose_project_config
+    from medspark.data.materialize import materialize
+    from medspark.data.preprocess import PreprocessConfig
+    from medspark.data.sources import list_dataset
+    from medspark.evaluate import predict_split
+    from medspark.models import small_cnn
+
+    cfg = compose_project_config(["dataset=synthetic_cxr14", f"paths.work_dir={tmp_path}",
+                                  "dataset.generate.patients=40", "dataset.generate.size=48"])
+    listing = list_dataset(cfg.dataset)
+    data = materialize(spark, listing, PreprocessConfig(image_size=32, channels=1),
+                       {"val": 0.1, "test": 0.5, "seed": 0}, str(tmp_path / "data"), "cxr")
+    model = small_cnn.build((32, 32, 1), len(data.classes), multilabel=True, filters=(8, 16))
+    y, p = predict_split(model, data, "test")
+    files, metrics = explain.gallery(model, data, y, p, tmp_path / "evaluation", {"gradcam": {"per_class": 1}})
+    gallery = json.loads((tmp_path / "evaluation" / "gradcam" / "gallery.json").read_text())
+    assert metrics == {} and gallery
+    for g in gallery:
+        finding = data.classes.index(g["predicted"])
+        row = y[g["row"]]
+        assert row[finding] == (g["kind"] == "confident_correct")
+        assert g["true"] == ("|".join(c for c, v in zip(data.classes, row) if v) or "No Finding")
+        assert g["probability"] == pytest.approx(p[g["row"], finding], abs=1e-6)
+    for finding in range(len(data.classes)):  # the most confident positive of each finding present in the split
+        positives = np.flatnonzero(y[:, finding] == 1)
+        if len(positives):
+            best = positives[np.argmax(p[positives, finding])]
+            assert any(g["row"] == best and g["predicted"] == data.classes[finding] for g in gallery)
