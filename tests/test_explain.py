@@ -177,6 +177,16 @@ def test_bad_gradcam_options_name_the_key(given, message):
         explain.options(given)
 
 
+def test_a_bad_gradcam_setting_stops_the_run_before_it_trains(tmp_path):
+    from conftest import make_cfg
+
+    from medspark.config import ConfigError, check
+
+    with pytest.raises(ConfigError, match=r"evaluate\.gradcam\.method='cam'"):
+        check(make_cfg(tmp_path, ["evaluate.gradcam.method=cam"]))
+    check(make_cfg(tmp_path, ["evaluate.gradcam.method=gradcampp"]))
+
+
 def test_explain_is_a_listed_subcommand_and_refuses_to_write_into_its_input_by_default(tmp_path, monkeypatch,
                                                                                        capsys):
     from medspark import cli

@@ -77,6 +77,10 @@ def check(cfg: DictConfig) -> None:
             from .serving import ServingLimits
 
             ServingLimits.from_mapping(OmegaConf.to_container(cfg.serving, resolve=True))
+        if cfg.get("evaluate"):  # evaluate.gradcam is used after training: checked now, not then
+            from .explain import options as gradcam_options
+
+            gradcam_options(OmegaConf.to_container(cfg.evaluate, resolve=True))
     except ValueError as e:
         raise ConfigError(str(e)) from None
     TrainConfig.from_cfg(cfg.train)
