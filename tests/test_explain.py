@@ -297,8 +297,8 @@ def test_explain_command_writes_overlays_beside_a_predictions_csv(trained, tmp_p
 
     uri = f"sqlite:///{tmp_path}/mlruns.db"
     mlflow.set_tracking_uri(uri)
-    mlflow.set_experiment("explain")
-    with mlflow.start_run() as run:
+    experiment = mlflow.create_experiment("explain", artifact_location=str(tmp_path / "artifacts"))
+    with mlflow.start_run(experiment_id=experiment) as run:
         log_model(trained["model"], PreprocessConfig(image_size=SIZE, channels=1), synthetic.CLASSES,
                   trained["images"][:1].astype(np.uint8))
     inputs = tmp_path / "scans"
