@@ -129,6 +129,18 @@ def test_every_conf_model_is_explained_at_its_last_conv_block_or_refused_in_one_
         explain.GradCam(conf_models["dense"])
 
 
+def test_an_ensemble_of_two_cnns_is_refused_in_one_line_and_one_member_is_explained():
+    from medspark.backends.ensemble import voting_model
+    from medspark.models import small_cnn
+
+    members = [small_cnn.build((16, 16, 1), 3, name=f"member{i}", filters=(4, 8)) for i in range(2)]
+    with pytest.raises(explain.Unexplainable, match="does not flow through one last conv block"):
+        explain.GradCam(voting_model(members, [0.5, 0.5], (16, 16, 1)))
+    cam = explain.GradCam(voting_model(members[:1], [1.0], (16, 16, 1)))
+    assert cam.layer_name == "member0/relu2"
+    assert cam(np.full((1, 16, 16, 1), 90, np.float32), [1])[0].shape == (1, 16, 16)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # the phantoms' lesions
 

@@ -17,10 +17,10 @@ pointing game.
 Heat maps come from the model's last convolutional block, found by `conv_target` for every model in conf/model/:
 the last convolution in graph order, nested models included (resnet50's base is a model inside the model), followed
 forward through the layers that keep its 4D shape (batch norm, ReLU, the residual add), so small_cnn explains
-`relu4` and resnet50 `conv5_block3_out`. A model without a convolution (dense) has no spatial feature map: it is
-skipped with one line, never given a made-up map. The score explained is the class's logit (the input of the
-softmax/sigmoid head), as in Selvaraju et al. (Grad-CAM) and Chattopadhyay et al. (Grad-CAM++); maps are upsampled
-to the input size, ReLU-ed and scaled to 0..1 per image.
+`relu4` and resnet50 `conv5_block3_out`. A model without a convolution (dense) has no spatial feature map, and an
+ensemble's output does not flow through one conv block: both are skipped with one line, never given a made-up map.
+The score explained is the class's logit (the input of the softmax/sigmoid head), as in Selvaraju et al. (Grad-CAM)
+and Chattopadhyay et al. (Grad-CAM++); maps are upsampled to the input size, ReLU-ed and scaled to 0..1 per image.
 
 Gallery (evaluate.evaluate_split, `evaluate.gradcam`): per class, the most confident correct test images and the most
 confident mistakes (multilabel: per finding, the most confident positives and the most confident false positives),
@@ -52,7 +52,11 @@ COLORMAP = "jet"
 BATCH = 32  # images per gradient pass
 
 
-class NoConvolution(ValueError):
+class Unexplainable(ValueError):
+    """Grad-CAM cannot explain this model (the message says why, in one line)."""
+
+
+class NoConvolution(Unexplainable):
     """The model has no convolutional layer, hence no spatial feature map to explain."""
 
 
@@ -152,7 +156,12 @@ class GradCam:
         else:
             self.head = None  # an unknown head: the model's output itself is the score
             outputs = list(model.outputs)
-        self.forward = _forward(model, self.path, self.layer, outputs)
+        try:
+            self.forward = _forward(model, self.path, self.layer, outputs)
+        except ValueError as e:  # the outputs also depend on layers beside the explained one (backend=ensemble)
+            raise Unexplainable(f"model {model.name!r}: its output does not flow through one last conv block "
+                                f"({self.layer_name}): {str(e).splitlines()[0]}; an ensemble's members are explained "
+                                "one at a time (load a member model)") from None
         self.input_hw = tuple(int(v) for v in model.inputs[0].shape[1:3])
 
     @property
@@ -365,7 +374,7 @@ def gallery(model, data, labels: np.ndarray, probs: np.ndarray, out_dir, opts: M
     t0 = time.perf_counter()
     try:
         cam = GradCam(model, opts["method"])
-    except NoConvolution as e:
+    except Unexplainable as e:
         log.warning("Grad-CAM gallery skipped: %s", e)
         return [], {}
     labels, probs = np.asarray(labels), np.asarray(probs)
@@ -488,7 +497,7 @@ def explain_files(model, files: list[str], out: Path, method: str = "gradcam", c
         raise ArgError(f"class={class_name}: not a class of this model ({', '.join(py.classes)})")
     try:
         cam = GradCam(py.model, method)
-    except NoConvolution as e:
+    except Unexplainable as e:
         raise ArgError(str(e)) from None
     out.mkdir(parents=True, exist_ok=True)
     tables = []
