@@ -533,8 +533,10 @@ def explain_files(model, files: list[str], out: Path, method: str = "gradcam", c
 def run(opts):
     import mlflow
 
+    from .cli import import_tensorflow
     from .predict import ArgError, check_classifier, classifier_uri, list_files, tracking_uris
 
+    import_tensorflow()  # its start-up noise filtered, before the model loads it
     uri, registry = tracking_uris(opts)
     if uri:
         mlflow.set_tracking_uri(uri)
