@@ -4,6 +4,7 @@ does first (its own --help, quiet native start-up logs) and last (one line per e
     medspark [overrides]                   train (python -m medspark.train)
     medspark compare [options]             table of an experiment's runs (medspark.compare)
     medspark predict model=... input=...   predictions CSV from a logged/registered model (medspark.predict)
+    medspark explain <input> model=...     Grad-CAM overlays + predictions CSV (medspark.explain)
     medspark --help                        the subcommands, config groups and options, where the docs are
 """
 from __future__ import annotations
@@ -17,7 +18,7 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
-SUBCOMMANDS = {"compare": "medspark.compare", "predict": "medspark.predict"}
+SUBCOMMANDS = {"compare": "medspark.compare", "predict": "medspark.predict", "explain": "medspark.explain"}
 DOCS = ("README.md", "docs/layout.md", "docs/mlflow.md", "docs/sweeps.md", "docs/backends.md", "docs/datasets.md")
 
 

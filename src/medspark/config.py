@@ -79,8 +79,11 @@ def check(cfg: DictConfig) -> None:
             ServingLimits.from_mapping(OmegaConf.to_container(cfg.serving, resolve=True))
         if cfg.get("evaluate") is not None:  # used after training: a typo must not cost a whole training run
             from .calibration import Options
+            from .explain import options as gradcam_options
 
-            Options.from_mapping(OmegaConf.to_container(cfg.evaluate, resolve=True))
+            evaluate = OmegaConf.to_container(cfg.evaluate, resolve=True)
+            Options.from_mapping(evaluate)
+            gradcam_options(evaluate)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     TrainConfig.from_cfg(cfg.train)

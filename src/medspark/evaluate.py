@@ -697,9 +697,15 @@ def evaluate_split(model, data, out_dir, history=None, options: Mapping | None =
             metrics |= {"test_mean_auc_no_tta": plain["test_mean_auc"]} if "test_mean_auc" in plain else {}
         else:
             metrics["test_accuracy_no_tta"] = float((np.asarray(p0).argmax(axis=1) == y0).mean())
+    from .explain import gallery  # Grad-CAM overlays of the most confident right and wrong test images
+
+    gradcam_files, gradcam_metrics = gallery(model, data, y, p, out, options)
+    metrics.update(gradcam_metrics)
     mlflow.log_metrics(metrics)
     for f in files:
         mlflow.log_artifact(str(f), "evaluation")
+    for f in gradcam_files:
+        mlflow.log_artifact(str(f), "evaluation/gradcam")
     from .evaluate_sources import log_source_metrics  # test metrics per source of a merged dataset
 
     metrics.update(log_source_metrics(data, y, p))

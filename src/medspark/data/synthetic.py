@@ -205,6 +205,36 @@ def _lesion(cls, rng, uni, img, u, v, pose, a_b, b_b, brain, edge, size):
     img[w] += rim * (0.12 - img[w]) + mass * (level - img[w])
 
 
+
+LESION_DELTA = 6  # gray levels (of 255): a pixel belongs to the lesion where the pair differs by more (noise-free)
+
+
+def lesion_mask(cls: str, index: int, size: int, seed: int = 0) -> np.ndarray:
+    """bool (size, size): where image `index` of class `cls` that generate(..., size, seed) writes shows its lesion
+    (all False for notumor). The image and the same scan without the lesion come from the same per-image rng
+    (generate seeds image i of class c with [seed, c, i]; the lesion is drawn last), so the lesion is where the two
+    differ: mass, rim, glioma oedema and necrosis included."""
+    if cls not in CLASSES:
+        raise ValueError(f"unknown class {cls!r}; valid classes: {', '.join(CLASSES)}")
+    rng_seed = [_check_int("seed", seed, 0), CLASSES.index(cls), _check_int("index", index, 0)]
+    with_lesion = phantom(cls, np.random.default_rng(rng_seed), size).astype(np.int16)
+    without = phantom("notumor", np.random.default_rng(rng_seed), size).astype(np.int16)
+    return np.abs(with_lesion - without) > LESION_DELTA
+
+
+def generated_file(path: str | os.PathLike) -> tuple[str, int, int, int] | None:
+    """(class, index, size, seed) of a file generate() wrote (its name, and the set's marker file beside its class
+    folder), or None for any other file: what lesion_mask needs to know where that file's lesion is."""
+    path = Path(path)
+    if not _FILE_RE.match(path.name) or path.parent.name != path.name.rsplit("_", 1)[0]:
+        return None
+    try:
+        params = json.loads((path.parent.parent / MARKER).read_text())
+        size, seed = int(params["size"]), int(params["seed"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return path.parent.name, int(path.stem.rsplit("_", 1)[1]), size, seed
+
 # ---- the dataset on disk --------------------------------------------------------------------------
 
 def _check_int(name: str, value, low: int) -> int:
