@@ -77,6 +77,7 @@ def check(cfg: DictConfig) -> None:
             from .serving import ServingLimits
 
             ServingLimits.from_mapping(OmegaConf.to_container(cfg.serving, resolve=True))
+        check_evaluate(OmegaConf.to_container(cfg.evaluate, resolve=True) if cfg.get("evaluate") else {})
     except ValueError as e:
         raise ConfigError(str(e)) from None
     TrainConfig.from_cfg(cfg.train)
@@ -89,6 +90,16 @@ def check(cfg: DictConfig) -> None:
     from .tracking import check_store
 
     check_store(cfg.tracking)
+
+
+def check_evaluate(options) -> None:
+    """The `evaluate:` keys of medspark.uncertainty (bootstrap) and medspark.operating_points (operating_point):
+    ValueError naming the key."""
+    from .operating_points import parse_rule
+    from .uncertainty import check_options
+
+    check_options((options or {}).get("bootstrap"))
+    parse_rule((options or {}).get("operating_point", "auto"))
 
 
 # Where materialized data can live: what Petastorm and Spark both open here. file and hdfs are built in; the

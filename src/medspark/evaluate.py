@@ -603,21 +603,26 @@ def cooccurrence_png(y_true, finding_names, path) -> Path:
 
 
 def evaluate_multilabel(y_true, probs, finding_names, out_dir, y_val=None, probs_val=None, history=None,
-                        prefix: str = "test_") -> tuple[dict[str, float], list[Path], dict[str, float]]:
+                        prefix: str = "test_", thresholds=None) -> tuple[dict[str, float], list[Path], dict[str, float]]:
     """Multi-label metrics and artifacts in out_dir, with thresholds chosen on (y_val, probs_val) by
-    THRESHOLD_RULE; returns (metrics, files, {finding: threshold}).
+    THRESHOLD_RULE, or `thresholds` ({finding: t}, chosen by evaluate.operating_point) as given; returns
+    (metrics, files, {finding: threshold}).
 
     Files: multilabel_report.json (rule, thresholds, aggregates, one row per finding, notes), multilabel_report.csv
     (the rows), thresholds.json ({finding: threshold}, what the packaged classifier uses), roc_curves.png,
     cooccurrence.png (of y_true), training_curves.png (only when history is not None)."""
     names = _check_names(finding_names, minimum=1)
-    thresholds, notes = choose_thresholds(y_val, probs_val, names)
+    rule = THRESHOLD_RULE if thresholds is None else "evaluate.operating_point (operating_points.csv)"
+    if thresholds is None:
+        thresholds, notes = choose_thresholds(y_val, probs_val, names)
+    else:
+        thresholds, notes = _check_thresholds([thresholds[n] for n in names], len(names)), []
     metrics = multilabel_metrics(y_true, probs, names, thresholds, prefix=prefix)  # validates everything
     summary = multilabel_summary(y_true, probs, names, thresholds)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     by_name = {n: float(t) for n, t in zip(names, thresholds)}
-    report = {"task": "multilabel", "findings": names, "n": len(np.asarray(y_true)), "threshold_rule": THRESHOLD_RULE,
+    report = {"task": "multilabel", "findings": names, "n": len(np.asarray(y_true)), "threshold_rule": rule,
               "thresholds": by_name, "aggregates": summary["aggregates"], "per_finding": summary["per_finding"],
               "notes": notes + summary["notes"]}
     js, csv, th = out / "multilabel_report.json", out / "multilabel_report.csv", out / "thresholds.json"
@@ -659,21 +664,45 @@ def evaluate_split(model, data, out_dir, history=None, options: Mapping | None =
     multiclass) or `evaluate_multilabel` (data.task multilabel: thresholds chosen on the validation split) into
     out_dir/evaluation; metrics and files are logged to the active MLflow run. options: the run's `evaluate:`
     config (a mapping; None = its defaults). Returns (metrics, shipped): what the packaged classifier ships with,
-    chosen on the validation split (serving.log_model's `shipped`): {"thresholds": {finding: t}} for multilabel."""
+    chosen on the validation split (serving.log_model's `shipped`): {"thresholds": {finding: t}} for multilabel,
+    {positive class: t} for binary (medspark.operating_points). Also writes operating_points.csv (binary,
+    multilabel), test_predictions.csv (medspark.compare) and intervals.csv (medspark.uncertainty)."""
     import mlflow
 
+    from . import compare, operating_points, uncertainty
+    from .evaluate_sources import log_source_metrics, split_columns  # test metrics per source of a merged dataset
+
+    options = dict(options or {})
+    rule = options.get("operating_point", "auto")
     out = Path(out_dir) / "evaluation"
     y, p = predict_split(model, data, "test")
+    y_val, p_val = predict_split(model, data, "val") if data.sizes.get("val") else (None, None)
+    op_thresholds, chosen = None, operating_points.resolve(rule, data.task)  # [stats] on val, evaluate.operating_point
+    if chosen and (data.task == "binary" or chosen != "f1"):  # multilabel f1: evaluate_multilabel's, as before
+        _, _, op_thresholds = operating_points.operating_point_metrics(y_val, p_val, y, p, data.classes, data.task,
+                                                                       rule)
     if data.multilabel:
-        y_val, p_val = predict_split(model, data, "val") if data.sizes.get("val") else (None, None)
         metrics, files, thresholds = evaluate_multilabel(y, p, data.classes, out, y_val=y_val, probs_val=p_val,
-                                                         history=history)
+                                                         history=history, thresholds=op_thresholds)
     else:
-        (metrics, files), thresholds = evaluate(y, p, data.classes, out, history=history), None
+        (metrics, files), thresholds = evaluate(y, p, data.classes, out, history=history), op_thresholds
+    op_metrics, op_rows, _ = operating_points.operating_point_metrics(y_val, p_val, y, p, data.classes, data.task,
+                                                                      rule, thresholds=thresholds)
+    if op_rows:
+        metrics |= op_metrics
+        files.append(operating_points.write_csv(op_rows, out / "operating_points.csv"))
+    cols = split_columns(data, y, ["sha1", "patient"], "test", "test predictions")
+    files.append(compare.write_predictions(out / "test_predictions.csv", cols["sha1"], y, p, data.classes,
+                                           data.task))
+    boot = uncertainty.check_options(options.get("bootstrap"))
+    if boot["resamples"]:  # [stats] intervals, over patients where the test rows carry one
+        binary_t = thresholds.get(data.classes[1]) if thresholds and data.task == "binary" else None
+        rows = uncertainty.intervals(y, p, data.classes, data.task, cols["patient"], boot["resamples"],
+                                     boot["level"], boot["seed"], operating_point=binary_t)
+        metrics |= uncertainty.as_metrics(rows)
+        files.append(uncertainty.write_csv(rows, out / "intervals.csv"))
     mlflow.log_metrics(metrics)
     for f in files:
         mlflow.log_artifact(str(f), "evaluation")
-    from .evaluate_sources import log_source_metrics  # test metrics per source of a merged dataset
-
     metrics.update(log_source_metrics(data, y, p))
     return metrics, ({"thresholds": thresholds} if thresholds is not None else {})
