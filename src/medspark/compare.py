@@ -198,8 +198,10 @@ def read_predictions(source: str, uri: str | None = None):
         try:
             path = Path(download_artifacts(run_id=source, artifact_path=PREDICTIONS, tracking_uri=uri))
         except MlflowException as e:
-            raise CompareError(f"run {source}: no {PREDICTIONS} ({_first_line(e.message)}; runs evaluated before "
-                               "paired comparisons existed have none: re-run them)") from None
+            if "not found" in e.message.lower() and "run" in e.message.lower():
+                raise CompareError(f"run {source}: no such run in {uri} (nor a test_predictions.csv path)") from None
+            raise CompareError(f"run {source}: no {PREDICTIONS} (runs evaluated before paired comparisons existed "
+                               "have none: re-run them)") from None
         except OSError as e:
             raise CompareError(f"run {source}: cannot read {PREDICTIONS} from {uri}: {_first_line(str(e))}") from None
     df = pd.read_csv(path, dtype={"sha1": str})
@@ -295,6 +297,7 @@ def delong(y, score_a, score_b) -> tuple[float, float, float, float]:
 def paired(args) -> str:
     """`--paired RUN_A RUN_B`: the difference of two runs on the same test images, beyond chance or not."""
     run_a, run_b = args.paired
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # stderr stays the one-line error
     if args.resamples < 1 or not 0 < args.level < 1:
         raise CompareError(f"--resamples {args.resamples} must be >= 1 and --level {args.level} in (0, 1)")
     uri = args.uri
