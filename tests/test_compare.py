@@ -307,3 +307,64 @@ def test_paired_run_without_predictions_is_one_line(store, capsys):
     assert compare.main(["--uri", store["uri"], "--paired", "0" * 32, store["ids"]["cnn-sync"]]) == 2
     assert capsys.readouterr().err.strip() == (f"medspark compare: error: run {'0' * 32}: no such run in "
                                                f"{store['uri']} (nor a test_predictions.csv path)")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# end to end: two real tiny binary runs, their evaluation files, the shipped threshold and --paired on their ids
+
+BINARY = ["dataset.classes=[glioma,notumor]", "dataset.generate.per_class=60", "dataset.generate.size=32",
+          "preprocess.image_size=32", "model=dense", "train.batch_size=16", "tracking.register=never",
+          "evaluate.bootstrap.resamples=300"]
+
+
+@pytest.fixture(scope="module")
+def two_runs(spark, tmp_path_factory):
+    import mlflow
+
+    from conftest import make_cfg
+    from medspark.train import train
+
+    tmp = tmp_path_factory.mktemp("paired")
+    for extra in (["train.epochs=4"], ["train.epochs=1", "evaluate.operating_point=sensitivity:0.9"]):
+        cfg = make_cfg(tmp, BINARY + extra)
+        train(cfg, spark=spark)
+    mlflow.set_tracking_uri(cfg.tracking.uri)
+    runs = mlflow.search_runs(experiment_names=[cfg.tracking.experiment], output_format="list",
+                              order_by=["attributes.start_time ASC"])
+    return {"uri": str(cfg.tracking.uri), "runs": runs}
+
+
+@pytest.mark.slow
+def test_a_binary_run_logs_intervals_operating_points_and_ships_its_threshold(two_runs):
+    import mlflow
+    import pandas as pd
+
+    for run, rule in zip(two_runs["runs"], ("youden", "sensitivity:0.9")):
+        rid, m = run.info.run_id, run.data.metrics
+        files = {f.path for f in mlflow.MlflowClient().list_artifacts(rid, "evaluation")}
+        assert {f"evaluation/{f}" for f in ("intervals.csv", "operating_points.csv", "test_predictions.csv")} <= files
+        for key in ("accuracy", "balanced_accuracy", "macro_f1", "roc_auc_ovr", "sensitivity_notumor",
+                    "op_sensitivity"):
+            assert m[f"test_{key}_ci_low"] <= m.get(f"test_{key}", m[f"test_{key}_ci_low"]) <= m[f"test_{key}_ci_high"]
+        assert {"test_op_specificity", "test_op_ppv", "test_op_npv", "test_sensitivity_at_spec_90",
+                "test_sensitivity_at_spec_95"} <= set(m)
+        ops = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=rid, artifact_path="evaluation/operating_points.csv"))
+        assert ops["class"].tolist() == ["notumor"] and ops["rule"].tolist() == [rule]
+        if rule.startswith("sensitivity"):
+            assert ops["val_sensitivity"][0] >= 0.9
+        clf = mlflow.pyfunc.load_model(f"runs:/{rid}/classifier")
+        assert clf.metadata.metadata["medspark"]["thresholds"] == {"notumor": pytest.approx(ops["threshold"][0])}
+        preds = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=rid,
+                                                                artifact_path="evaluation/test_predictions.csv"))
+        assert list(preds.columns) == ["sha1", "label", "prob_glioma", "prob_notumor"] and len(preds) == m["test_n"]
+
+
+@pytest.mark.slow
+def test_paired_compare_of_two_real_runs(two_runs, capsys):
+    a, b = (r.info.run_id for r in two_runs["runs"])
+    assert compare.main(["--uri", two_runs["uri"], "--paired", a, b]) == 0
+    out = capsys.readouterr().out.splitlines()
+    n = int(two_runs["runs"][0].data.metrics["test_n"])
+    assert out[0] == f"A = {a}, B = {b}: {n} test images in common (binary)"
+    assert out[2].startswith("accuracy A - B = ") and out[2].endswith(("differs beyond chance", "within chance"))
+    assert out[3].startswith("roc_auc A = ") and "DeLong z = " in out[3]
