@@ -182,3 +182,21 @@ def test_binary_threshold_must_name_the_positive_class():
     for bad in ({"no": 0.3}, {"yes": 1.5}, [0.3], {"yes": 0.3, "no": 0.7}):
         with pytest.raises(ValueError, match="positive class 'yes'"):
             serving.check_binary_threshold(bad, ["no", "yes"])
+
+
+def test_medspark_predict_writes_the_thresholded_class_and_says_the_rule(binary_classifier, tmp_path, capsys):
+    from medspark import predict
+
+    c = binary_classifier
+    for i, b in enumerate(c["files"][:8]):
+        (tmp_path / "in").mkdir(exist_ok=True)
+        (tmp_path / "in" / f"scan{i}.png").write_bytes(b)
+    rc = predict.main([f"model={c['uri']}/classifier", f"input={tmp_path / 'in'}", f"output={tmp_path / 'p.csv'}",
+                       f"tracking_uri={mlflow.get_tracking_uri()}"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert out.splitlines()[-1] == (f"medspark predict: predicted_class is PNEUMONIA when prob_PNEUMONIA >= "
+                                    f"{c['t']:.4g} (the operating point chosen on validation), else NORMAL")
+    got = pd.read_csv(tmp_path / "p.csv")
+    assert got["predicted_class"].tolist() == np.where(got["prob_PNEUMONIA"] >= c["t"], "PNEUMONIA", "NORMAL").tolist()
+    assert predict.decision(f"{c['uri']}/argmax") is None
