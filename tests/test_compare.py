@@ -257,7 +257,8 @@ def test_paired_says_beyond_chance_for_a_real_gap_and_within_for_none(tmp_path, 
     diff = (pa.argmax(1) == y).mean() - (pb.argmax(1) == y).mean()
     assert acc.startswith(f"accuracy A - B = {diff:+.3f} [") and acc.endswith(": differs beyond chance"), acc
     assert "DeLong z = +" in out[-1] and out[-1].endswith("differs beyond chance")
-    shuffled = predictions(tmp_path, "a2", y[::-1], pa[::-1], ["no", "yes"], sha1=[f"{i:040x}" for i in range(800)][::-1])
+    shuffled = predictions(tmp_path, "a2", y[::-1], pa[::-1], ["no", "yes"],
+                           sha1=[f"{i:040x}" for i in range(800)][::-1])
     assert compare.main(["--paired", a, shuffled]) == 0  # same images in another order: joined on sha1
     out = capsys.readouterr().out
     assert "accuracy A - B = +0.000 [0.000, 0.000]: within chance" in out.replace(" (95%, 1000 paired resamples of 800 "
@@ -348,7 +349,8 @@ def test_a_binary_run_logs_intervals_operating_points_and_ships_its_threshold(tw
             assert m[f"test_{key}_ci_low"] <= m.get(f"test_{key}", m[f"test_{key}_ci_low"]) <= m[f"test_{key}_ci_high"]
         assert {"test_op_specificity", "test_op_ppv", "test_op_npv", "test_sensitivity_at_spec_90",
                 "test_sensitivity_at_spec_95"} <= set(m)
-        ops = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=rid, artifact_path="evaluation/operating_points.csv"))
+        ops = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=rid,
+                                                              artifact_path="evaluation/operating_points.csv"))
         assert ops["class"].tolist() == ["notumor"] and ops["rule"].tolist() == [rule]
         if rule.startswith("sensitivity"):
             assert ops["val_sensitivity"][0] >= 0.9

@@ -159,3 +159,36 @@ def test_one_thousand_resamples_of_one_thousand_images_is_fast():
     rows = u.intervals(y, p, list("abcd"), "multiclass", resamples=1000)
     took = time.perf_counter() - t0
     assert len(rows) == 4 + 3 * 4 and took < 3.0, took  # measured ~0.3 s on one slow core
+
+
+@pytest.mark.slow
+def test_a_multilabel_run_with_patients_resamples_patients(spark, tmp_path):
+    """A real tiny synthetic chest X-ray run (patients with follow-ups): intervals over patients, per finding
+    operating points at the f1 thresholds multilabel has always shipped, test predictions without paths."""
+    import json
+
+    import mlflow
+    import pandas as pd
+
+    from conftest import make_cfg
+    from medspark.train import train
+
+    cfg = make_cfg(tmp_path, ["dataset=synthetic_cxr14", "dataset.generate.patients=80", "dataset.generate.size=32",
+                              "preprocess.image_size=32", "model=dense", "train.epochs=2", "train.batch_size=16",
+                              "tracking.register=never", "evaluate.bootstrap.resamples=200"])
+    train(cfg, spark=spark)
+    mlflow.set_tracking_uri(cfg.tracking.uri)
+    run = mlflow.search_runs(experiment_names=[cfg.tracking.experiment], output_format="list")[0]
+    rid, m = run.info.run_id, run.data.metrics
+    load = lambda name: mlflow.artifacts.download_artifacts(run_id=rid, artifact_path=f"evaluation/{name}")  # noqa
+    rows = pd.read_csv(load("intervals.csv"))
+    assert set(rows["unit"]) == {"patients"} and "mean_auc" in set(rows["metric"])
+    assert m["test_mean_auc_ci_low"] <= m["test_mean_auc"] <= m["test_mean_auc_ci_high"]
+    assert all(math.isfinite(v) for v in m.values())
+    thresholds = json.loads(open(load("thresholds.json")).read())
+    ops = pd.read_csv(load("operating_points.csv"))
+    assert set(ops["rule"]) == {"f1"} and dict(zip(ops["class"], ops["threshold"])) == pytest.approx(thresholds)
+    preds = pd.read_csv(load("test_predictions.csv"))
+    findings = list(thresholds)
+    assert list(preds.columns) == ["sha1", *(f"true_{f}" for f in findings), *(f"prob_{f}" for f in findings)]
+    assert len(preds) == m["test_n"]

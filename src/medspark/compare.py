@@ -213,8 +213,6 @@ def read_predictions(source: str, uri: str | None = None):
 def join_predictions(a, b, names=("A", "B")):
     """(labels, probs A, probs B, class names, task) of two runs' predictions joined on sha1 (a repeated sha1
     pairs by order of appearance); CompareError if the test splits, labels or classes differ."""
-    import pandas as pd
-
     classes = [c[5:] for c in a.columns if c.startswith("prob_")]
     if classes != [c[5:] for c in b.columns if c.startswith("prob_")]:
         raise CompareError(f"runs {names[0]} and {names[1]} predict different classes: "
@@ -317,8 +315,8 @@ def paired(args) -> str:
             lines.append(f"roc_auc: {e}")
         else:
             beyond = "differs beyond chance" if p < 1 - args.level else "within chance"
-            lines.append(f"roc_auc A = {auc_a:.4f}, B = {auc_b:.4f}, A - B = {auc_a - auc_b:+.3f}, DeLong z = {z:+.2f}, "
-                         f"p = {p:.3g}: {beyond}")
+            lines.append(f"roc_auc A = {auc_a:.4f}, B = {auc_b:.4f}, A - B = {auc_a - auc_b:+.3f}, "
+                         f"DeLong z = {z:+.2f}, p = {p:.3g}: {beyond}")
     return "\n".join(lines) + "\n"
 
 

@@ -603,7 +603,8 @@ def cooccurrence_png(y_true, finding_names, path) -> Path:
 
 
 def evaluate_multilabel(y_true, probs, finding_names, out_dir, y_val=None, probs_val=None, history=None,
-                        prefix: str = "test_", thresholds=None) -> tuple[dict[str, float], list[Path], dict[str, float]]:
+                        prefix: str = "test_",
+                        thresholds=None) -> tuple[dict[str, float], list[Path], dict[str, float]]:
     """Multi-label metrics and artifacts in out_dir, with thresholds chosen on (y_val, probs_val) by
     THRESHOLD_RULE, or `thresholds` ({finding: t}, chosen by evaluate.operating_point) as given; returns
     (metrics, files, {finding: threshold}).

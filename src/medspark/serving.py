@@ -13,8 +13,8 @@ training data, so a served prediction sees the pixels training saw.
 
 Single-label models answer the most probable class, except a binary model logged with an operating point
 (`thresholds` {positive class: t}, chosen on the validation split by `evaluate.operating_point`, see
-medspark.operating_points): it answers the positive class (class index 1) when p(positive) >= t. A multilabel model answers every finding's probability and, in
-`findings`, the findings whose probability reaches that finding's threshold (chosen on the validation split when
+medspark.operating_points): it answers the positive class (class index 1) when p(positive) >= t. A multilabel
+model answers every finding's probability and, in `findings`, the findings whose probability reaches that finding's threshold (chosen on the validation split when
 the model was trained, see medspark.evaluate.THRESHOLD_RULE), joined by "|" as NIH ChestX-ray14's CSV writes them,
 "No Finding" when there is none. Models logged before tasks existed carry no task: they are single-label.
 
@@ -348,8 +348,9 @@ def log_model(keras_model, preprocess: PreprocessConfig, classes, example_images
     classes = [str(c) for c in classes]
     limits = asdict(limits or ServingLimits())
     task = targets.task_of(task, classes)
-    labels = {"task": task, **({"thresholds": check_thresholds(thresholds, classes)} if task == "multilabel" else {}),
-              **({"thresholds": check_binary_threshold(thresholds, classes)} if task == "binary" and thresholds else {})}
+    labels = {"task": task, **({"thresholds": check_thresholds(thresholds, classes)} if task == "multilabel" else {})}
+    if task == "binary" and thresholds:  # its operating point (medspark.operating_points)
+        labels["thresholds"] = check_binary_threshold(thresholds, classes)
     with tempfile.TemporaryDirectory(prefix="medspark-classifier-") as tmp:
         tmp = Path(tmp)
         keras_model.save(tmp / "model.keras")

@@ -51,7 +51,8 @@ class Interval:
 def check_options(options: Mapping | None) -> dict:
     """The `evaluate.bootstrap` mapping with its defaults; ValueError naming the key for anything wrong."""
     if options is not None and not isinstance(options, Mapping):
-        raise ValueError(f"evaluate.bootstrap={options!r} must be a mapping: {{resamples: 1000, level: 0.95, seed: 42}}")
+        raise ValueError(f"evaluate.bootstrap={options!r} must be a mapping: {{resamples: 1000, level: 0.95, "
+                         "seed: 42}")
     opts = dict(DEFAULTS)
     unknown = set(options or {}) - set(DEFAULTS)
     if unknown:
@@ -59,7 +60,8 @@ def check_options(options: Mapping | None) -> dict:
     opts.update({k: v for k, v in (options or {}).items() if v is not None})
     r, level, seed = opts["resamples"], opts["level"], opts["seed"]
     if isinstance(r, bool) or not isinstance(r, int) or r < 0:
-        raise ValueError(f"evaluate.bootstrap.resamples={r!r} must be an integer >= 0 (0 = no intervals; 1000 is usual)")
+        raise ValueError(f"evaluate.bootstrap.resamples={r!r} must be an integer >= 0 (0 = no intervals; 1000 is "
+                         "usual)")
     if isinstance(level, bool) or not isinstance(level, (int, float)) or not 0 < level < 1:
         raise ValueError(f"evaluate.bootstrap.level={level!r} must be a number in (0, 1), e.g. 0.95")
     if isinstance(seed, bool) or not isinstance(seed, int):
