@@ -173,7 +173,7 @@ def test_a_multilabel_run_with_patients_resamples_patients(spark, tmp_path):
     from conftest import make_cfg
     from medspark.train import train
 
-    cfg = make_cfg(tmp_path, ["dataset=synthetic_cxr14", "dataset.generate.patients=80", "dataset.generate.size=32",
+    cfg = make_cfg(tmp_path, ["dataset=synthetic_cxr14", "dataset.generate.patients=80", "dataset.generate.size=48",
                               "preprocess.image_size=32", "model=dense", "train.epochs=2", "train.batch_size=16",
                               "tracking.register=never", "evaluate.bootstrap.resamples=200"])
     train(cfg, spark=spark)
