@@ -157,6 +157,19 @@ def apply_temperature(probs, temperature: float, multilabel: bool = False) -> np
     return z / z.sum(axis=1, keepdims=True)
 
 
+def scale_thresholds(thresholds: Mapping, temperature: float, task: str, classes) -> dict[str, float]:
+    """Decision thresholds chosen on the network's own probabilities, moved to the temperature-scaled scale, where
+    they make the same decisions (T is monotonic per output): multilabel {finding: t} -> sigmoid(logit(t) / T);
+    binary {positive class: t} -> the positive class's scaled probability of the row (1 - t, t)."""
+    names = list(thresholds)
+    t = np.array([[float(thresholds[c]) for c in names]])
+    if task == "multilabel":
+        return {c: float(v) for c, v in zip(names, apply_temperature(t, temperature, True)[0])}
+    if task == "binary" and len(names) == 1:
+        return {names[0]: float(apply_temperature(np.array([[1 - t[0, 0], t[0, 0]]]), temperature)[0, 1])}
+    raise ValueError(f"thresholds of a {task} model cannot be scaled: {dict(thresholds)!r}")
+
+
 def nll(y, z: np.ndarray, temperature: float, multilabel: bool = False) -> float:
     """Mean negative log-likelihood of labels y under logits z / temperature (per finding for multilabel)."""
     z = z / temperature

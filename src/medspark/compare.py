@@ -5,6 +5,16 @@
     medspark compare --filter "params.model.name = 'small_cnn' and tags.medspark.backend != 'single'"
     medspark compare --uri http://mlflow.internal:5000 --metrics test_macro_f1,epochs_run --format csv
 
+    medspark compare --paired RUN_A RUN_B                   # is A better than B on the same test images?
+
+Paired (`--paired`, each run an MLflow run id or a test_predictions.csv path): both runs' test predictions
+(evaluation/test_predictions.csv, written by evaluate.evaluate_split: sha1, label(s), probabilities, never a path)
+joined on the image's sha1; refused in one line when the runs' test splits differ. Prints the difference in
+accuracy (multilabel: mean AUC) with a paired bootstrap interval (images resampled together for both runs,
+stratified by class), and for a binary task the AUC difference with DeLong's test:
+    accuracy A - B = +0.031 [0.012, 0.050] (95%, 1000 paired resamples of 412 images): differs beyond chance
+"within chance" when the interval holds 0 (DeLong: when p >= 1 - level).
+
 Columns: run name, then what differs between the listed runs (model and backend when they do, then the params
 whose values differ; paths, tracking settings and the override string left out), the sort metric, the metrics
 asked for (default: train_seconds, train_images_per_second, speedup_vs_single; a column only when some run has
@@ -21,6 +31,9 @@ import io
 import math
 import os
 import sys
+from pathlib import Path
+
+import numpy as np
 
 DEFAULT_METRICS = ("train_seconds", "train_images_per_second", "speedup_vs_single")
 NOISE = ("overrides", "data_url", "data_fingerprint", "classes", "paths.", "tracking.", "hydra.")  # never "key"
@@ -58,6 +71,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--all", action="store_true", help="also list the parent runs of sweeps (left out by default)")
     p.add_argument("--all-params", action="store_true", help="show every param that differs (markdown caps at "
                                                              f"{MAX_PARAM_COLUMNS})")
+    p.add_argument("--paired", nargs=2, metavar=("RUN_A", "RUN_B"),
+                   help="paired test of two runs on the same test images (run ids or test_predictions.csv paths)")
+    p.add_argument("--resamples", type=int, default=1000, help="--paired: bootstrap resamples (default 1000)")
+    p.add_argument("--level", type=float, default=0.95, help="--paired: interval level (default 0.95)")
+    p.add_argument("--seed", type=int, default=0, help="--paired: bootstrap seed (default 0)")
     return p
 
 
@@ -66,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     retries = os.environ.get(RETRIES)
     os.environ.setdefault(RETRIES, "2")  # a server that is down: an error in seconds, not minutes of retries
     try:
-        print(compare(args), end="")
+        print(paired(args) if args.paired else compare(args), end="")
     except CompareError as e:
         print(f"medspark compare: error: {e}", file=sys.stderr)
         return 2
@@ -135,6 +153,170 @@ def compare(args) -> str:
     lines += [_md_row(r) for r in rows]
     if hidden:
         lines += ["", f"(+{len(hidden)} more differing params, see --all-params or --format csv: {_listing(hidden)})"]
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# paired comparison of two runs on the same test images
+
+PREDICTIONS = "evaluation/test_predictions.csv"
+
+
+def write_predictions(path, sha1, y_true, probs, class_names, task: str):
+    """evaluation/test_predictions.csv: sha1, then `label` (class index) or one `true_<finding>` 0/1 column per
+    finding (multilabel), then `prob_<class>` per class, one row per test image in evaluation order. No path, no
+    patient: a file name can carry a patient's name."""
+    import pandas as pd
+
+
+    y, p = np.asarray(y_true), np.asarray(probs, np.float64)
+    cols = {"sha1": np.asarray(sha1).astype(str)}
+    if task == "multilabel":
+        cols |= {f"true_{c}": y[:, j].astype(np.int64) for j, c in enumerate(class_names)}
+    else:
+        cols["label"] = y.astype(np.int64)
+    cols |= {f"prob_{c}": p[:, j] for j, c in enumerate(class_names)}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(cols).to_csv(path, index=False, float_format="%.9g")
+    return path
+
+
+def read_predictions(source: str, uri: str | None = None):
+    """A run's test predictions as a DataFrame: `source` a test_predictions.csv path (or a folder holding
+    evaluation/test_predictions.csv), else an MLflow run id whose artifact it is."""
+    import pandas as pd
+
+
+    path = Path(source)
+    if path.is_dir():
+        path = next((c for c in (path / PREDICTIONS, path / Path(PREDICTIONS).name) if c.is_file()), path / PREDICTIONS)
+    if not path.is_file():
+        from mlflow.artifacts import download_artifacts
+        from mlflow.exceptions import MlflowException
+
+        try:
+            path = Path(download_artifacts(run_id=source, artifact_path=PREDICTIONS, tracking_uri=uri))
+        except MlflowException as e:
+            if "not found" in e.message.lower() and "run" in e.message.lower():
+                raise CompareError(f"run {source}: no such run in {uri} (nor a test_predictions.csv path)") from None
+            raise CompareError(f"run {source}: no {PREDICTIONS} (runs evaluated before paired comparisons existed "
+                               "have none: re-run them)") from None
+        except OSError as e:
+            raise CompareError(f"run {source}: cannot read {PREDICTIONS} from {uri}: {_first_line(str(e))}") from None
+    df = pd.read_csv(path, dtype={"sha1": str})
+    if "sha1" not in df or not any(c.startswith("prob_") for c in df):
+        raise CompareError(f"{source}: not a test_predictions.csv (needs sha1 and prob_<class> columns)")
+    return df
+
+
+def join_predictions(a, b, names=("A", "B")):
+    """(labels, probs A, probs B, class names, task) of two runs' predictions joined on sha1 (a repeated sha1
+    pairs by order of appearance); CompareError if the test splits, labels or classes differ."""
+    classes = [c[5:] for c in a.columns if c.startswith("prob_")]
+    if classes != [c[5:] for c in b.columns if c.startswith("prob_")]:
+        raise CompareError(f"runs {names[0]} and {names[1]} predict different classes: "
+                           f"{_listing(classes)} vs {_listing(c[5:] for c in b.columns if c.startswith('prob_'))}")
+    keyed = [d.assign(_k=d.groupby("sha1").cumcount()) for d in (a, b)]
+    only_a = len(keyed[0].merge(keyed[1][["sha1", "_k"]], on=["sha1", "_k"], how="left", indicator=True)
+                 .query("_merge == 'left_only'"))
+    j = keyed[0].merge(keyed[1], on=["sha1", "_k"], suffixes=("_a", "_b"))
+    if only_a or len(j) != len(b):
+        raise CompareError(f"runs {names[0]} and {names[1]} were not evaluated on the same test split ({only_a} test "
+                           f"image(s) only in {names[0]}, {len(b) - len(j)} only in {names[1]}): a paired comparison "
+                           "needs the same test images")
+    multilabel = "label" not in a
+    truth = [f"true_{c}" for c in classes] if multilabel else ["label"]
+    ya, yb = (j[[f"{c}_a" for c in truth]].to_numpy(), j[[f"{c}_b" for c in truth]].to_numpy())
+    if not np.array_equal(ya, yb):
+        raise CompareError(f"runs {names[0]} and {names[1]} label the same test images differently: not the same "
+                           "data definition")
+    pa = j[[f"prob_{c}_a" for c in classes]].to_numpy(np.float64)
+    pb = j[[f"prob_{c}_b" for c in classes]].to_numpy(np.float64)
+    task = "multilabel" if multilabel else ("binary" if len(classes) == 2 else "multiclass")
+    return (ya if multilabel else ya[:, 0]).astype(np.int64), pa, pb, classes, task
+
+
+def paired_bootstrap(y, pa, pb, task: str, resamples: int = 1000, level: float = 0.95, seed: int = 0):
+    """(metric, A, B, A - B, low, high) of the difference in accuracy (multilabel: mean AUC) between two runs'
+    predictions of the same images: a percentile interval over resamples that draw the same images for both
+    runs (stratified by class, single-label)."""
+    from . import uncertainty
+
+    n = len(y)
+    strata = None if task == "multilabel" else y
+    if task == "multilabel":
+        keys = [str(j) for j in range(y.shape[1])]
+        stat = lambda p, w: uncertainty.multilabel_stats(y, p, keys, w)["mean_auc"]  # noqa: E731
+        metric = "mean_auc"
+    else:
+        stat = lambda p, w: (w @ (p.argmax(1) == y)) / w.sum(1)  # noqa: E731
+        metric = "accuracy"
+    ones = np.ones((1, n))
+    va, vb = float(stat(pa, ones)[0]), float(stat(pb, ones)[0])
+    diffs = np.concatenate([stat(pa, w) - stat(pb, w)
+                            for w in uncertainty.resample_weights(np.arange(n), strata, resamples, seed)])
+    diffs = diffs[np.isfinite(diffs)]
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(diffs, [tail, 100 - tail])
+    return metric, va, vb, va - vb, float(low), float(high)
+
+
+def _midranks(x: np.ndarray) -> np.ndarray:
+    from scipy.stats import rankdata
+
+    return rankdata(x, method="average", axis=-1)
+
+
+def delong(y, score_a, score_b) -> tuple[float, float, float, float]:
+    """DeLong's test of two correlated ROC-AUCs on the same images (DeLong et al. 1988, in Sun & Xu's 2014 fast
+    midrank form, vectorised): (AUC A, AUC B, z, two-sided p). y: 0/1 labels (1 = positive); ValueError without
+    positives or negatives. Identical scores: z 0, p 1."""
+    from scipy.stats import norm
+
+    pos = np.asarray(y) == 1
+    m, n = int(pos.sum()), int((~pos).sum())
+    if not m or not n:
+        raise ValueError("DeLong's test needs positives and negatives in the test split")
+    s = np.stack([np.asarray(score_a, np.float64), np.asarray(score_b, np.float64)])
+    x, yneg = s[:, pos], s[:, ~pos]
+    tx, ty, tz = _midranks(x), _midranks(yneg), _midranks(np.concatenate([x, yneg], 1))
+    auc = (tz[:, :m].sum(1) - m * (m + 1) / 2) / (m * n)
+    v01 = (tz[:, :m] - tx) / n            # per positive: fraction of negatives scored below it
+    v10 = 1 - (tz[:, m:] - ty) / m        # per negative: fraction of positives scored above it
+    cov = np.cov(v01) / m + np.cov(v10) / n
+    var = cov[0, 0] + cov[1, 1] - 2 * cov[0, 1]
+    if var <= 1e-15:
+        return float(auc[0]), float(auc[1]), 0.0, 1.0
+    z = float((auc[0] - auc[1]) / np.sqrt(var))
+    return float(auc[0]), float(auc[1]), z, float(2 * norm.sf(abs(z)))
+
+
+def paired(args) -> str:
+    """`--paired RUN_A RUN_B`: the difference of two runs on the same test images, beyond chance or not."""
+    run_a, run_b = args.paired
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # stderr stays the one-line error
+    if args.resamples < 1 or not 0 < args.level < 1:
+        raise CompareError(f"--resamples {args.resamples} must be >= 1 and --level {args.level} in (0, 1)")
+    uri = args.uri
+    if uri is None and not all(os.path.exists(r) for r in (run_a, run_b)):
+        uri = defaults()["uri"]
+    y, pa, pb, classes, task = join_predictions(read_predictions(run_a, uri), read_predictions(run_b, uri))
+    metric, va, vb, diff, low, high = paired_bootstrap(y, pa, pb, task, args.resamples, args.level, args.seed)
+    verdict = "differs beyond chance" if low > 0 or high < 0 else "within chance"
+    lines = [f"A = {run_a}, B = {run_b}: {len(y)} test images in common ({task})",
+             f"{metric} A = {va:.4f}, B = {vb:.4f}",
+             f"{metric} A - B = {diff:+.3f} [{low:.3f}, {high:.3f}] ({args.level:.0%}, {args.resamples} paired "
+             f"resamples of {len(y)} images): {verdict}"]
+    if task == "binary":
+        try:
+            auc_a, auc_b, z, p = delong(y, pa[:, 1], pb[:, 1])
+        except ValueError as e:
+            lines.append(f"roc_auc: {e}")
+        else:
+            beyond = "differs beyond chance" if p < 1 - args.level else "within chance"
+            lines.append(f"roc_auc A = {auc_a:.4f}, B = {auc_b:.4f}, A - B = {auc_a - auc_b:+.3f}, "
+                         f"DeLong z = {z:+.2f}, p = {p:.3g}: {beyond}")
     return "\n".join(lines) + "\n"
 
 

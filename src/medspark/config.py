@@ -77,13 +77,7 @@ def check(cfg: DictConfig) -> None:
             from .serving import ServingLimits
 
             ServingLimits.from_mapping(OmegaConf.to_container(cfg.serving, resolve=True))
-        if cfg.get("evaluate") is not None:  # used after training: a typo must not cost a whole training run
-            from .calibration import Options
-            from .explain import options as gradcam_options
-
-            evaluate = OmegaConf.to_container(cfg.evaluate, resolve=True)
-            Options.from_mapping(evaluate)
-            gradcam_options(evaluate)
+        check_evaluate(OmegaConf.to_container(cfg.evaluate, resolve=True) if cfg.get("evaluate") else {})
     except ValueError as e:
         raise ConfigError(str(e)) from None
     TrainConfig.from_cfg(cfg.train)
@@ -96,6 +90,22 @@ def check(cfg: DictConfig) -> None:
     from .tracking import check_store
 
     check_store(cfg.tracking)
+
+
+def check_evaluate(options) -> None:
+    """The `evaluate:` keys, each checked by the part that uses it after training (a typo must not cost a whole
+    training run): bootstrap (medspark.uncertainty), operating_point (medspark.operating_points), calibration,
+    temperature and tta (medspark.calibration), gradcam (medspark.explain). ValueError naming the key."""
+    from .calibration import Options
+    from .explain import options as gradcam_options
+    from .operating_points import parse_rule
+    from .uncertainty import check_options
+
+    options = options or {}
+    check_options(options.get("bootstrap"))
+    parse_rule(options.get("operating_point", "auto"))
+    Options.from_mapping(options)
+    gradcam_options(options)
 
 
 # Where materialized data can live: what Petastorm and Spark both open here. file and hdfs are built in; the

@@ -603,21 +603,27 @@ def cooccurrence_png(y_true, finding_names, path) -> Path:
 
 
 def evaluate_multilabel(y_true, probs, finding_names, out_dir, y_val=None, probs_val=None, history=None,
-                        prefix: str = "test_") -> tuple[dict[str, float], list[Path], dict[str, float]]:
+                        prefix: str = "test_",
+                        thresholds=None) -> tuple[dict[str, float], list[Path], dict[str, float]]:
     """Multi-label metrics and artifacts in out_dir, with thresholds chosen on (y_val, probs_val) by
-    THRESHOLD_RULE; returns (metrics, files, {finding: threshold}).
+    THRESHOLD_RULE, or `thresholds` ({finding: t}, chosen by evaluate.operating_point) as given; returns
+    (metrics, files, {finding: threshold}).
 
     Files: multilabel_report.json (rule, thresholds, aggregates, one row per finding, notes), multilabel_report.csv
     (the rows), thresholds.json ({finding: threshold}, what the packaged classifier uses), roc_curves.png,
     cooccurrence.png (of y_true), training_curves.png (only when history is not None)."""
     names = _check_names(finding_names, minimum=1)
-    thresholds, notes = choose_thresholds(y_val, probs_val, names)
+    rule = THRESHOLD_RULE if thresholds is None else "evaluate.operating_point (operating_points.csv)"
+    if thresholds is None:
+        thresholds, notes = choose_thresholds(y_val, probs_val, names)
+    else:
+        thresholds, notes = _check_thresholds([thresholds[n] for n in names], len(names)), []
     metrics = multilabel_metrics(y_true, probs, names, thresholds, prefix=prefix)  # validates everything
     summary = multilabel_summary(y_true, probs, names, thresholds)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     by_name = {n: float(t) for n, t in zip(names, thresholds)}
-    report = {"task": "multilabel", "findings": names, "n": len(np.asarray(y_true)), "threshold_rule": THRESHOLD_RULE,
+    report = {"task": "multilabel", "findings": names, "n": len(np.asarray(y_true)), "threshold_rule": rule,
               "thresholds": by_name, "aggregates": summary["aggregates"], "per_finding": summary["per_finding"],
               "notes": notes + summary["notes"]}
     js, csv, th = out / "multilabel_report.json", out / "multilabel_report.csv", out / "thresholds.json"
@@ -662,34 +668,53 @@ def evaluate_split(model, data, out_dir, history=None, options: Mapping | None =
     out_dir/evaluation; metrics and files are logged to the active MLflow run. options: the run's `evaluate:`
     config (a mapping; None = its defaults). Returns (metrics, shipped): what the packaged classifier ships with,
     chosen on the validation split (serving.log_model's `shipped`): {"thresholds": {finding: t}} for multilabel,
-    "temperature" (medspark.calibration) and "tta" (medspark.tta).
+    "temperature" (medspark.calibration), "tta" (medspark.tta), and for binary {"thresholds": {positive class: t}}
+    (medspark.operating_points). Also writes operating_points.csv (binary, multilabel), test_predictions.csv
+    (medspark.compare), intervals.csv (medspark.uncertainty) and the Grad-CAM gallery (medspark.explain).
 
     Predictions use evaluate.tta's views. The temperature is fitted on the validation split and applied to both
-    splits' probabilities (calibration metrics, reliability.png, calibration.csv); the metrics that existed before
-    calibration stay computed on the network's own probabilities, so their values do not change with it (argmax
-    and ranking metrics could not; log loss and the multilabel thresholds would), and multilabel thresholds ship
-    converted to the calibrated scale, where they make the same decisions."""
+    splits' probabilities (calibration metrics, reliability.png, calibration.csv). Everything else (the metrics that
+    existed before calibration, the operating points chosen on validation, the intervals) is computed on the
+    network's own probabilities, so its values do not change with calibration; thresholds ship converted to the
+    calibrated scale (a temperature is monotonic per output), where they make exactly the same decisions."""
     import mlflow
 
-    from . import calibration
+    from . import calibration, compare, operating_points, uncertainty
+    from .evaluate_sources import log_source_metrics, split_columns  # test metrics per source of a merged dataset
+    from .explain import gallery
 
-    opts = calibration.Options.from_mapping(options)
+    options = dict(options or {})
+    opts, rule = calibration.Options.from_mapping(options), options.get("operating_point", "auto")
     out = Path(out_dir) / "evaluation"
     y, p = predict_split(model, data, "test", opts.tta)
-    want_val = data.sizes.get("val") and (data.multilabel or opts.temperature)
-    y_val, p_val = predict_split(model, data, "val", opts.tta) if want_val else (None, None)
+    y_val, p_val = predict_split(model, data, "val", opts.tta) if data.sizes.get("val") else (None, None)
     cal = calibration.calibrate(y, p, y_val, p_val, data.multilabel, opts, out)  # T from val only
+    op_thresholds, chosen = None, operating_points.resolve(rule, data.task)  # on val, evaluate.operating_point
+    if chosen and (data.task == "binary" or chosen != "f1"):  # multilabel f1: evaluate_multilabel's, as before
+        _, _, op_thresholds = operating_points.operating_point_metrics(y_val, p_val, y, p, data.classes, data.task,
+                                                                       rule)
     if data.multilabel:
         metrics, files, thresholds = evaluate_multilabel(y, p, data.classes, out, y_val=y_val, probs_val=p_val,
-                                                         history=history)
-        if cal.temperature != 1.0:  # the classifier compares calibrated probabilities with them
-            scaled = calibration.apply_temperature(np.array([list(thresholds.values())]), cal.temperature, True)[0]
-            thresholds = {c: float(t) for c, t in zip(thresholds, scaled)}
-            (out / "thresholds.json").write_text(json.dumps(thresholds, indent=2, ensure_ascii=False), encoding="utf-8")
+                                                         history=history, thresholds=op_thresholds)
     else:
-        (metrics, files), thresholds = evaluate(y, p, data.classes, out, history=history), None
+        (metrics, files), thresholds = evaluate(y, p, data.classes, out, history=history), op_thresholds
+    op_metrics, op_rows, _ = operating_points.operating_point_metrics(y_val, p_val, y, p, data.classes, data.task,
+                                                                      rule, thresholds=thresholds)
+    if op_rows:
+        metrics |= op_metrics
+        files.append(operating_points.write_csv(op_rows, out / "operating_points.csv"))
     metrics.update(cal.metrics)
     files += cal.files
+    cols = split_columns(data, y, ["sha1", "patient"], "test", "test predictions")
+    files.append(compare.write_predictions(out / "test_predictions.csv", cols["sha1"], y, p, data.classes,
+                                           data.task))
+    boot = uncertainty.check_options(options.get("bootstrap"))
+    if boot["resamples"]:  # intervals, over patients where the test rows carry one
+        binary_t = thresholds.get(data.classes[1]) if thresholds and data.task == "binary" else None
+        rows = uncertainty.intervals(y, p, data.classes, data.task, cols["patient"], boot["resamples"],
+                                     boot["level"], boot["seed"], operating_point=binary_t)
+        metrics |= uncertainty.as_metrics(rows)
+        files.append(uncertainty.write_csv(rows, out / "intervals.csv"))
     if opts.tta != "none":  # the same split without test-time augmentation, so that its gain is visible
         y0, p0 = predict_split(model, data, "test")
         if data.multilabel:
@@ -697,17 +722,18 @@ def evaluate_split(model, data, out_dir, history=None, options: Mapping | None =
             metrics |= {"test_mean_auc_no_tta": plain["test_mean_auc"]} if "test_mean_auc" in plain else {}
         else:
             metrics["test_accuracy_no_tta"] = float((np.asarray(p0).argmax(axis=1) == y0).mean())
-    from .explain import gallery  # Grad-CAM overlays of the most confident right and wrong test images
-
-    gradcam_files, gradcam_metrics = gallery(model, data, y, p, out, options)
+    gradcam_files, gradcam_metrics = gallery(model, data, y, p, out, options)  # most confident right/wrong images
     metrics.update(gradcam_metrics)
+    if thresholds and cal.temperature != 1.0:  # the classifier compares calibrated probabilities with them
+        thresholds = calibration.scale_thresholds(thresholds, cal.temperature, data.task, data.classes)
+        if data.multilabel:
+            (out / "thresholds.json").write_text(json.dumps(thresholds, indent=2, ensure_ascii=False),
+                                                 encoding="utf-8")
     mlflow.log_metrics(metrics)
     for f in files:
         mlflow.log_artifact(str(f), "evaluation")
     for f in gradcam_files:
         mlflow.log_artifact(str(f), "evaluation/gradcam")
-    from .evaluate_sources import log_source_metrics  # test metrics per source of a merged dataset
-
     metrics.update(log_source_metrics(data, y, p))
     shipped = {"temperature": cal.temperature, "tta": opts.tta}
     return metrics, ({"thresholds": thresholds, **shipped} if thresholds is not None else shipped)

@@ -45,6 +45,21 @@ def flat(table: dict[str, dict[str, float]], prefix: str = "test_") -> dict[str,
     return {f"{prefix}source_{name}_{metric}": v for name, m in table.items() for metric, v in m.items()}
 
 
+def split_columns(data, y_true, columns, split: str = "test", what: str = "evaluation") -> dict[str, np.ndarray]:
+    """Columns of a split (loader.read_split) row by row beside the labels `y_true` that predict_split read from it
+    (file order), checked to line up with them: RuntimeError if they do not."""
+    from .data import loader
+    from .data.targets import target_rows
+
+    cols = loader.read_split(data.split_url(split), ["label", *columns])
+    y = np.asarray(y_true)
+    expected = target_rows(cols["label"], data.task, len(data.classes)) if y.ndim == 2 else cols["label"]
+    if expected.shape != y.shape or not np.array_equal(expected, y):
+        raise RuntimeError(f"{what}: the {split} split's rows ({len(cols['label'])}) do not line up with "
+                           f"the {len(y)} labels evaluated; read the split in file order (loader.read_split)")
+    return cols
+
+
 def log_source_metrics(data, y_true, probs, prefix: str = "test_", split: str = "test") -> dict[str, float]:
     """The per-source metrics of a split that `y_true`/`probs` score row by row in file order (as evaluate_split
     reads it), logged to the active MLflow run (metrics, evaluation/per_source.json); {} without sources."""
@@ -52,16 +67,8 @@ def log_source_metrics(data, y_true, probs, prefix: str = "test_", split: str = 
         return {}
     import mlflow
 
-    from .data import loader
-    from .data.targets import target_rows
-
-    cols = loader.read_split(data.split_url(split), ["label", "source"])
-    y = np.asarray(y_true)
-    expected = target_rows(cols["label"], data.task, len(data.classes)) if y.ndim == 2 else cols["label"]
-    if expected.shape != y.shape or not np.array_equal(expected, y):
-        raise RuntimeError(f"per-source metrics: the {split} split's rows ({len(cols['label'])}) do not line up with "
-                           f"the {len(y)} labels evaluated; read the split in file order (loader.read_split)")
-    table = per_source(y, probs, cols["source"], data.classes, data.task)
+    cols = split_columns(data, y_true, ["source"], split, "per-source metrics")
+    table = per_source(np.asarray(y_true), probs, cols["source"], data.classes, data.task)
     metrics = flat(table, prefix)
     mlflow.log_metrics(metrics)
     mlflow.log_dict(table, "evaluation/per_source.json")

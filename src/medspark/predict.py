@@ -12,7 +12,9 @@ input   an image file, or a folder read recursively (names starting with `.` or 
 output  the CSV: path, predicted_class, prob_<class>..., error (one row per file, sorted by path; a file that
         cannot become an image has no class and its reason in `error`); a multilabel model writes `findings`
         (those over their thresholds, "A|B", "No Finding" if none) in place of predicted_class and a
-        prob_<finding> per finding; UTF-8 whatever the file names: a byte
+        prob_<finding> per finding; a binary model logged with an operating point answers its positive class
+        when prob_<positive> reaches the threshold chosen on validation (medspark.operating_points), which the
+        command prints after the counts; UTF-8 whatever the file names: a byte
         that is not UTF-8 is written `\\xNN`, a backslash `\\\\` (medspark.data.names.from_text reads it back)
 spark   true = distributed batch inference on a local Spark session: executors read the file bytes
         (`binaryFile`) and run the model, loaded once per Python worker, over Arrow batches (`mapInPandas`)
@@ -349,8 +351,28 @@ def main(argv: list[str]) -> int:
         print(f"medspark predict: error: model={opts['model']}: {str(e).strip().splitlines()[0]}", file=sys.stderr)
         return 2
     write_csv(out, opts["output"])
+    rule = decision(opts["model"])
     errors = int(out["error"].notna().sum()) if "error" in out else 0
     print(f"medspark predict: {len(out)} file(s), {len(out) - errors} predicted, {errors} not images "
           f"({'spark' if opts['spark'] else 'single process'}, {time.perf_counter() - t0:.1f} s) -> "
           f"{to_text(opts['output'])}")
+    if rule:
+        print(f"medspark predict: {rule}")
     return 0
+
+
+def decision(model_uri: str) -> str | None:
+    """How a binary classifier with an operating point decides (its logged metadata), e.g. "predicted_class is
+    PNEUMONIA when prob_PNEUMONIA >= 0.3712 (the operating point chosen on validation), else NORMAL"; None for
+    argmax and multilabel models, or when the metadata cannot be read (it is only said, never needed)."""
+    from mlflow.models import Model
+
+    try:
+        meta = (Model.load(model_uri).metadata or {}).get("medspark", {})
+    except Exception:  # noqa: BLE001 - informational line only
+        return None
+    classes, thresholds = meta.get("classes") or [], meta.get("thresholds") or {}
+    if meta.get("task") != "binary" or len(classes) != 2 or classes[1] not in thresholds:
+        return None
+    return (f"predicted_class is {classes[1]} when prob_{classes[1]} >= {float(thresholds[classes[1]]):.4g} "
+            f"(the operating point chosen on validation), else {classes[0]}")

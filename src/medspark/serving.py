@@ -11,8 +11,10 @@ training data, so a served prediction sees the pixels training saw.
       ->  predicted_class  prob_glioma  prob_meningioma  ...  error          (binary, multiclass: softmax)
       ->  findings  prob_Atelectasis  prob_Effusion  ...  error               (multilabel: a sigmoid per finding)
 
-Single-label models answer the most probable class. A multilabel model answers every finding's probability and, in
-`findings`, the findings whose probability reaches that finding's threshold (chosen on the validation split when
+Single-label models answer the most probable class, except a binary model logged with an operating point
+(`thresholds` {positive class: t}, chosen on the validation split by `evaluate.operating_point`, see
+medspark.operating_points): it answers the positive class (class index 1) when p(positive) >= t. A multilabel
+model answers every finding's probability and, in `findings`, the findings whose probability reaches that finding's threshold (chosen on the validation split when
 the model was trained, see medspark.evaluate.THRESHOLD_RULE), joined by "|" as NIH ChestX-ray14's CSV writes them,
 "No Finding" when there is none. Models logged before tasks existed carry no task: they are single-label.
 The probabilities are the network's averaged over the test-time augmentation views the run evaluated with (`tta`)
@@ -30,9 +32,9 @@ stack trace: unexpected errors go to the server's log.
 What the logged model contains (`log_model`):
   artifacts/model.keras       the trained network (Keras 3 format)
   artifacts/preprocess.json   {"preprocess": PreprocessConfig fields, "classes": [...], "serving": limits,
-                              "task": "binary" | "multiclass" | "multilabel", "thresholds": {finding: t} (multilabel),
-                              "temperature": T (medspark.calibration; 1.0 = the network's own probabilities),
-                              "tta": "none" | "flip" | "flip_shift" (medspark.tta)}
+                              "task": "binary" | "multiclass" | "multilabel", "thresholds": {finding: t} (multilabel)
+                              or {positive class: t} (binary), "temperature": T (medspark.calibration; 1.0 = the
+                              network's own probabilities), "tta": "none" | "flip" | "flip_shift" (medspark.tta)}
   code/medspark/              this package's source, so the model loads where medspark is not installed
   python_model.pkl            an `ImageClassifier` (pickled by reference to this module)
 plus a signature (input `image` binary; outputs as above), an input example (one PNG from the test split) and
@@ -146,6 +148,15 @@ def check_temperature(temperature) -> float:
     return t
 
 
+def check_binary_threshold(thresholds, classes) -> dict[str, float]:
+    """{positive class: threshold in [0, 1]} of a binary classifier; the positive class is classes[1]."""
+    t = dict(thresholds) if hasattr(thresholds, "keys") else {}
+    if len(classes) != 2 or set(t) != {classes[1]} or not 0 <= float(t[classes[1]]) <= 1:
+        raise ValueError(f"a binary classifier's thresholds must be {{positive class {classes[1]!r}: a number in "
+                         f"[0, 1]}} (medspark.operating_points), got {thresholds!r}")
+    return {classes[1]: float(t[classes[1]])}
+
+
 def _missing(v) -> bool:
     return v is None or v is pd.NA or (isinstance(v, float) and math.isnan(v))
 
@@ -221,6 +232,9 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
             self.thresholds = np.array([t[c] for c in self.classes])
         self.temperature = float(meta.get("temperature", 1.0))  # logged before calibration: the raw outputs
         self.tta = _tta.check_mode(meta.get("tta", "none"))
+        self.threshold = None  # binary: p(positive) >= threshold answers the positive class; None (older): argmax
+        if self.task == "binary" and meta.get("thresholds"):
+            self.threshold = check_binary_threshold(meta["thresholds"], self.classes)[self.classes[1]]
         self.model = keras.saving.load_model(context.artifacts[KERAS_ARTIFACT], compile=False)
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
@@ -279,13 +293,16 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
         return out
 
     def answers(self, probs: np.ndarray, ok: list[int], n: int) -> list[str | None]:
-        """Per row: the argmax class, or the findings at or over their thresholds as "A|B" ("No Finding" if none);
+        """Per row: the argmax class (binary with a threshold: the positive class when its probability reaches it),
+        or the findings at or over their thresholds as "A|B" ("No Finding" if none);
         None for the rows not predicted."""
         out = [None] * n
         for i in ok:
             if self.task == "multilabel":
                 found = targets.bits(np.flatnonzero(probs[i] >= self.thresholds))
                 out[i] = targets.names(found, self.task, self.classes)
+            elif getattr(self, "threshold", None) is not None:
+                out[i] = self.classes[int(probs[i, 1] >= self.threshold)]
             else:
                 out[i] = self.classes[int(np.argmax(probs[i]))]
         return out
@@ -345,13 +362,16 @@ def log_model(keras_model, preprocess: PreprocessConfig, classes, example_images
     example_images: uint8 (N, H, W, C) training-preprocessed images; the first becomes the input example
     (as a PNG file, which is what callers send). limits: the run's `serving:` config (None = the defaults).
     task: the dataset's (None: from the class count); multilabel needs `thresholds`, {finding: t} or one per class
-    in order (evaluate.evaluate_split's). temperature: the scale fitted on the validation split
-    (medspark.calibration), applied to every prediction; tta: the test-time augmentation views (medspark.tta)."""
+    in order (evaluate.evaluate_split's); binary may have one, {positive class: t} (its decision threshold).
+    temperature: the scale fitted on the validation split (medspark.calibration), applied to every prediction; tta:
+    the test-time augmentation views (medspark.tta)."""
     classes = [str(c) for c in classes]
     limits = asdict(limits or ServingLimits())
     task = targets.task_of(task, classes)
     labels = {"task": task, **({"thresholds": check_thresholds(thresholds, classes)} if task == "multilabel" else {}),
               "temperature": check_temperature(temperature), "tta": _tta.check_mode(tta)}
+    if task == "binary" and thresholds:  # its operating point (medspark.operating_points)
+        labels["thresholds"] = check_binary_threshold(thresholds, classes)
     with tempfile.TemporaryDirectory(prefix="medspark-classifier-") as tmp:
         tmp = Path(tmp)
         keras_model.save(tmp / "model.keras")
