@@ -175,3 +175,20 @@ def test_defaults_and_the_project_config(cfg_factory):
     assert Options.from_mapping(OmegaConf.to_container(cfg.evaluate)) == Options()
     with pytest.raises(ConfigError, match="evaluate.tta='spin'"):
         check(cfg_factory("evaluate.tta=spin"))
+
+
+@pytest.mark.parametrize("task", ["binary", "multilabel"])
+def test_thresholds_moved_to_the_calibrated_scale_make_the_same_decisions(task):
+    rng = np.random.default_rng(3)
+    if task == "binary":
+        p1 = rng.uniform(0.01, 0.99, 500)
+        raw, thresholds, col = np.stack([1 - p1, p1], 1), {"yes": 0.3}, 1
+    else:
+        raw, thresholds, col = rng.uniform(0.01, 0.99, (500, 2)), {"a": 0.3, "b": 0.7}, None
+    for t in (0.4, 2.5):
+        scaled = calibration.scale_thresholds(thresholds, t, task, ["no", "yes"])
+        cal = calibration.apply_temperature(raw, t, task == "multilabel")
+        cut = np.array(list(scaled.values()))
+        before = raw[:, col] >= thresholds["yes"] if col else raw >= np.array(list(thresholds.values()))
+        after = cal[:, col] >= cut[0] if col else cal >= cut
+        assert np.array_equal(before, after) and scaled != thresholds
