@@ -1,6 +1,7 @@
 """THE Keras fit path: every backend that trains with `model.fit` (single, mirrored, each spark_barrier worker,
 each ensemble member) calls `fit`, which builds and compiles the model from the job, wires the callbacks (early
-stopping, learning-rate schedule, resume checkpoint, epoch timer), fits and returns a TrainResult.
+stopping, learning-rate schedule, resume checkpoint, epoch timer, live MLflow metrics), fits and returns a
+TrainResult.
 
 What differs between strategies is what the backend passes in: the datasets (a whole split, a worker's shard, a
 bootstrap sample), the batch size, the distribution strategy whose scope holds the model, the seed and model
@@ -10,12 +11,14 @@ from the job, and nowhere else (the Elephas backends compile through it too).
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from typing import Any, Callable
 
 from . import schedule
 from .api import TrainJob, TrainResult
 
+log = logging.getLogger(__name__)
 OPTIMIZERS = {"adam": "Adam", "adamw": "AdamW", "sgd": "SGD", "rmsprop": "RMSprop"}  # train.optimizer -> keras
 
 
@@ -73,6 +76,65 @@ class EpochTimer:
         return _Timer()
 
 
+_live: "LiveMetrics | None" = None  # the LiveMetrics in effect in this process (train.py's fit of the run)
+
+
+class LiveMetrics:
+    """Each epoch's metrics (loss, accuracy, val_*, epoch_learning_rate, epoch_seconds; step = epoch) logged to the
+    MLflow run as the epoch ends, so the UI shows the curves while training runs. A context manager: train.py wraps
+    the backend's fit of the run in it; every `fit` in this process meanwhile logs live (single, mirrored: their
+    fit runs in the driver). Backends whose fit runs in Spark executors (spark_barrier, ensemble, elephas) have no
+    MLflow run there: their history is logged when fit returns. `logged` holds the (metric, step) pairs sent, which
+    tracking.log_training then does not log again. A failed log never stops training: live logging stops (with one
+    warning) and the rest is logged after fit."""
+
+    def __init__(self, run_id: str | None = None):
+        self.run_id = run_id
+        self.logged: set[tuple[str, int]] = set()
+
+    def __enter__(self) -> "LiveMetrics":
+        global _live
+        if self.run_id is None:
+            import mlflow
+
+            run = mlflow.active_run()
+            self.run_id = run.info.run_id if run else None
+        _live = self if self.run_id else None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        global _live
+        _live = None
+
+    def callback(self, timer):
+        """The Keras callback; `timer` (EpochTimer, which runs first) gives epoch_seconds."""
+        import keras
+        from mlflow import MlflowClient
+        from mlflow.entities import Metric
+
+        from ..tracking import history_metric
+
+        live, client = self, MlflowClient()
+
+        class _Live(keras.callbacks.Callback):
+            def on_epoch_end(self, epoch, logs=None):
+                if live.run_id is None:
+                    return
+                now = int(time.time() * 1000)
+                values = {history_metric(k): float(v) for k, v in (logs or {}).items()}
+                if timer.seconds:
+                    values["epoch_seconds"] = timer.seconds[-1]
+                try:
+                    client.log_batch(live.run_id, metrics=[Metric(k, v, now, epoch) for k, v in values.items()])
+                except Exception as e:  # the tracking store hiccuped: train on, log the rest at the end
+                    log.warning("live metrics stopped at epoch %d (%s); the rest is logged after training", epoch, e)
+                    live.run_id = None
+                    return
+                live.logged.update((k, epoch) for k in values)
+
+        return _Live()
+
+
 def callbacks(job: TrainJob) -> list:
     """Early stopping that restores the best weights and the learning-rate schedule (both from schedule.py), and
     with a checkpoint the per-epoch backup that lets a killed run resume (last: it records what the others logged)."""
@@ -103,10 +165,11 @@ def fit(job: TrainJob, train_data, val_data=None, *, batch_size: int, images_per
     if prepare is not None:
         prepare(model)
     timer = EpochTimer()
+    live = [_live.callback(timer)] if _live is not None else []  # last: it sees what the others put in the logs
     start = time.perf_counter()
     hist = model.fit(train_data, validation_data=val_data, epochs=job.train.epochs, steps_per_epoch=steps_per_epoch,
                      validation_steps=validation_steps, validation_batch_size=validation_batch_size,
-                     callbacks=[timer, *callbacks(job), *extra_callbacks],
+                     callbacks=[timer, *callbacks(job), *extra_callbacks, *live],
                      class_weight=job.class_weight() if class_weight else None,
                      shuffle=False,  # the loader shuffles (row groups, then a buffer)
                      verbose=job.train.verbose if verbose is None else verbose)
