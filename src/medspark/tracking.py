@@ -605,10 +605,28 @@ def log_classifier(model, preprocess, classes, example_images, registered_name: 
     per-finding thresholds of a multilabel model."""
     from . import serving
 
+    quiet_cloudpickle_warning()
     limits = serving.ServingLimits.from_mapping(serving_cfg or {})
     return serving.log_model(portable(model), preprocess, classes, example_images, name=CLASSIFIER_NAME,
                              registered_model_name=classifier_registered_name(registered_name), limits=limits,
                              task=task, **(shipped or {}))
+
+
+CLOUDPICKLE_WARNING = "Passing a Python object as `python_model` causes it to be serialized using CloudPickle"
+
+
+class _DropCloudPickleWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(CLOUDPICKLE_WARNING)
+
+
+def quiet_cloudpickle_warning() -> None:
+    """MLflow warns on every pyfunc logged from a Python object that it is pickled with CloudPickle. The classifier's
+    pickle is medspark.serving.ImageClassifier by reference, with no state, and its code ships beside it
+    (code_paths): that one warning is dropped from the `mlflow.pyfunc` logger; every other warning stays."""
+    logger = logging.getLogger("mlflow.pyfunc")
+    if not any(isinstance(f, _DropCloudPickleWarning) for f in logger.filters):
+        logger.addFilter(_DropCloudPickleWarning())
 
 
 def model_uri(info, registered_name: str | None = None) -> str:
