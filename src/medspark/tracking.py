@@ -230,6 +230,7 @@ def artifact_location(uri: str, configured: str | None) -> str | None:
     return None
 
 
+CODE_TAG = "medspark.code"  # the folder of the medspark package that recorded the run
 PARENT_RUN_ENV = "MEDSPARK_PARENT_RUN_ID"  # set by medspark.sweep (and benchmarks/backends.py) for their jobs
 SWEEP_PARAMS_ENV = "MEDSPARK_SWEEP_PARAMS"  # set by medspark.sweep for its jobs: its `sweep_params` (run names)
 
@@ -247,6 +248,7 @@ def run(run_name: str | None = None, tags: dict | None = None):
     import mlflow
 
     tags = {k: mask_text(str(v)) for k, v in (tags or {}).items()}  # e.g. medspark.overrides: the command line
+    tags.setdefault(CODE_TAG, str(Path(__file__).resolve().parent))  # which medspark ran (mlflow run of a checkout)
     launched = os.environ.get("MLFLOW_RUN_ID")  # mlflow.start_run() resumes it (and removes it from os.environ)
     parent = os.environ.get(PARENT_RUN_ENV)
     if launched:
