@@ -60,7 +60,10 @@ def test_mlproject_entry_points_and_parameters():
     assert eps["predict"]["command"].endswith("python -m medspark predict model={model} input={input} output={output}")
     for name, ep in eps.items():  # the project's own code and folder, whatever medspark the environment has
         assert ep["command"].startswith('export PYTHONPATH="$PWD/src:$PYTHONPATH" MEDSPARK_HOME="$PWD" && '), name
-    assert set(eps["benchmark"]["parameters"]) == {"epochs", "backends"}
+    assert set(eps["benchmark"]["parameters"]) == {"epochs", "backends", "per_class", "image_size", "save_results"}
+    for name in ("benchmark", "bench_preprocess", "bench_loader"):  # the data size; benchmarks/results/ when asked
+        assert eps[name]["parameters"]["save_results"]["default"] == "false" and "image_size" in eps[name]["parameters"]
+        assert "--save-results {save_results}" in eps[name]["command"] and "{image_size}" in eps[name]["command"]
     assert "benchmarks/backends.py" in eps["benchmark"]["command"]
     for name in ("main", "preprocess"):
         assert set(eps[name]["parameters"]) == {"overrides"} and eps[name]["parameters"]["overrides"]["default"] == ""
