@@ -71,3 +71,36 @@ def test_system_metrics_switch(tmp_path, monkeypatch):
         time.sleep(0.6)
     assert not any(k.startswith("system/") for k in mlflow.get_run(off.info.run_id).data.metrics)
     assert "system/cpu_utilization_percentage" in mlflow.get_run(on.info.run_id).data.metrics
+
+
+def test_mixed_precision_builds_and_trains_through_the_fit_path():
+    """train.mixed_precision=true: keras_fit.fit builds the model under mixed_float16 (float16 compute, float32
+    weights and probabilities, loss scaling) and trains; the process's global policy is left as it was.
+    On a CPU this only shows that it works (a GPU with tensor cores is where it is faster: docs/gpu.md)."""
+    import keras
+    import numpy as np
+    import tensorflow as tf
+    from omegaconf import OmegaConf
+
+    from medspark.backends import keras_fit
+    from medspark.backends.api import TrainJob
+    from medspark.config import config_dir
+    from medspark.data.materialize import Materialized
+    from medspark.models import small_cnn
+
+    train_cfg = OmegaConf.load(f"{config_dir()}/config.yaml").train
+    train_cfg.update({"epochs": 1, "verbose": 0, "mixed_precision": True, "lr_schedule": "none"})
+    train_cfg.early_stopping.patience = 0
+    data = Materialized(url="file:///unused", fingerprint="0" * 16, classes=["a", "b"], shape=(32, 32, 1),
+                        sizes={"train": 16, "val": 0, "test": 0}, per_class={}, listed=16, accepted=16, rejected=[],
+                        duplicate_groups=0, duplicate_files=0, label_conflicts=0, moved_to_test=0, seconds={})
+    job = TrainJob(data=data, build_model=lambda **kw: small_cnn.build((32, 32, 1), 2, **kw), train=train_cfg)
+    rng = np.random.default_rng(0)
+    x, y = rng.uniform(0, 255, (16, 32, 32, 1)).astype("float32"), np.array([0, 1] * 8)
+    result = keras_fit.fit(job, tf.data.Dataset.from_tensor_slices((x, y)).batch(8), batch_size=8)
+    model = result.model
+    assert keras.mixed_precision.global_policy().name == "float32"  # restored for everything after fit
+    assert model.layers[1].dtype_policy.name == "mixed_float16" and model.layers[1].compute_dtype == "float16"
+    assert model.get_layer("probs").compute_dtype == "float32" and model.predict(x, verbose=0).dtype == np.float32
+    assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
+    assert len(result.history["loss"]) == 1 and np.isfinite(result.history["loss"][0])

@@ -144,6 +144,24 @@ def callbacks(job: TrainJob) -> list:
     return out
 
 
+@contextlib.contextmanager
+def precision(mixed: bool):
+    """train.mixed_precision: the model is built and compiled under Keras' `mixed_float16` policy (float16 compute,
+    float32 weights; compile wraps the optimizer in a LossScaleOptimizer; the output layer, models._common.head, is
+    float32), then the global policy is restored: the layers keep theirs, nothing else in the process changes."""
+    if not mixed:
+        yield
+        return
+    import keras
+
+    before = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        yield
+    finally:
+        keras.mixed_precision.set_global_policy(before)
+
+
 def history_dict(history) -> dict[str, list[float]]:
     return {k: [float(v) for v in vals] for k, vals in history.history.items()}
 
@@ -159,7 +177,8 @@ def fit(job: TrainJob, train_data, val_data=None, *, batch_size: int, images_per
     import keras
 
     keras.utils.set_random_seed(job.seed if seed is None else seed)
-    with strategy.scope() if strategy is not None else contextlib.nullcontext():
+    with strategy.scope() if strategy is not None else contextlib.nullcontext(), \
+            precision(bool(getattr(job.train, "mixed_precision", False))):
         model = job.build_model(**(model_overrides or {}))
         compile_model(model, job)
     if prepare is not None:
