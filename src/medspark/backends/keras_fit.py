@@ -106,31 +106,46 @@ class LiveMetrics:
         global _live
         _live = None
 
-    def callback(self, timer):
-        """The Keras callback; `timer` (EpochTimer, which runs first) gives epoch_seconds."""
-        import keras
+    def log(self, metrics: list) -> bool:
+        """Send `metrics` (mlflow Metric) to the run; False (and live logging off, one warning) if the store fails."""
         from mlflow import MlflowClient
+
+        if self.run_id is None:
+            return False
+        try:
+            for i in range(0, len(metrics), 1000):  # MLflow takes at most 1000 metrics a batch
+                MlflowClient().log_batch(self.run_id, metrics=metrics[i:i + 1000])
+        except Exception as e:  # the tracking store hiccuped: train on, log the rest at the end
+            log.warning("live metrics stopped (%s); the rest is logged after training", e)
+            self.run_id = None
+            return False
+        self.logged.update((m.key, m.step) for m in metrics)
+        return True
+
+    def callback(self, timer, checkpoint=None):
+        """The Keras callback; `timer` (EpochTimer, which runs first) gives epoch_seconds. A training resumed from
+        `checkpoint` logs the epochs it restored as it starts (their curves first, then the new epochs')."""
+        import keras
         from mlflow.entities import Metric
 
         from ..tracking import history_metric
 
-        live, client = self, MlflowClient()
+        live = self
 
         class _Live(keras.callbacks.Callback):
+            def on_train_begin(self, logs=None):  # after the checkpoint's: it has restored the history by now
+                restored = checkpoint.resumed_epochs if checkpoint is not None else 0
+                if restored:
+                    now = int(time.time() * 1000)
+                    live.log([Metric(history_metric(k), float(v), now, step)
+                              for k, vals in checkpoint.history.items() for step, v in enumerate(vals[:restored])])
+
             def on_epoch_end(self, epoch, logs=None):
-                if live.run_id is None:
-                    return
                 now = int(time.time() * 1000)
                 values = {history_metric(k): float(v) for k, v in (logs or {}).items()}
                 if timer.seconds:
                     values["epoch_seconds"] = timer.seconds[-1]
-                try:
-                    client.log_batch(live.run_id, metrics=[Metric(k, v, now, epoch) for k, v in values.items()])
-                except Exception as e:  # the tracking store hiccuped: train on, log the rest at the end
-                    log.warning("live metrics stopped at epoch %d (%s); the rest is logged after training", epoch, e)
-                    live.run_id = None
-                    return
-                live.logged.update((k, epoch) for k in values)
+                live.log([Metric(k, v, now, epoch) for k, v in values.items()])
 
         return _Live()
 
@@ -184,7 +199,7 @@ def fit(job: TrainJob, train_data, val_data=None, *, batch_size: int, images_per
     if prepare is not None:
         prepare(model)
     timer = EpochTimer()
-    live = [_live.callback(timer)] if _live is not None else []  # last: it sees what the others put in the logs
+    live = [_live.callback(timer, job.checkpoint)] if _live is not None else []  # last: it sees what the others put in the logs
     start = time.perf_counter()
     hist = model.fit(train_data, validation_data=val_data, epochs=job.train.epochs, steps_per_epoch=steps_per_epoch,
                      validation_steps=validation_steps, validation_batch_size=validation_batch_size,
