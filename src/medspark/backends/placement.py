@@ -57,9 +57,6 @@ def limit_threads(intra: int | None, inter: int | None = None) -> tuple[int | No
     for var, n in (("TF_NUM_INTRAOP_THREADS", intra), ("OMP_NUM_THREADS", intra), ("TF_NUM_INTEROP_THREADS", inter)):
         if n:
             os.environ[var] = str(int(n))
-    from ..cli import import_tensorflow
-
-    import_tensorflow()  # its C++ start-up noise filtered (spark_barrier's worker processes are not forked by Spark)
     import tensorflow as tf
 
     try:

@@ -680,5 +680,8 @@ def worker_main(tmp: str) -> None:
 
 
 if __name__ == "__main__":
+    from medspark.quiet_daemon import install
+
+    install()  # TensorFlow's start-up noise filtered, whatever imports it first (unpickling the job does)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     worker_main(sys.argv[1])
