@@ -6,7 +6,8 @@ instruction lines, and on machines without a GPU the missing CUDA driver). Real 
 Whatever a task imports first (keras, tensorflow, Elephas' worker, a backend's own code), the first
 `import tensorflow` in a worker goes through the filter: a finder on `sys.meta_path` wraps TensorFlow's loader once.
 Without the daemon (spark.python.use.daemon=false, Windows) workers import TensorFlow unfiltered; errors still
-print either way. cluster.conf may set spark.python.daemon.module back to pyspark.daemon.
+print either way. cluster.conf may set spark.python.daemon.module back to pyspark.daemon. spark_barrier's worker
+processes (started by its tasks, not forked by the daemon) call `install()` themselves.
 """
 from __future__ import annotations
 
