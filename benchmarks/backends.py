@@ -2,11 +2,15 @@
 
     .venv/bin/python benchmarks/backends.py                        # all backends, synthetic 4 x 300, 128 px
     .venv/bin/python benchmarks/backends.py --backends single elephas_sync --epochs 3 -- model=dense
+    .venv/bin/python benchmarks/backends.py --per-class 40 --image-size 32 --epochs 1   # a quick check
+    .venv/bin/python benchmarks/backends.py --save-results          # also rewrite benchmarks/results/backends.*
 
 Each backend runs as its own `python -m medspark.train` process (a fresh TensorFlow, as a user runs it),
 `single` first: the others' speedup_vs_single is against it (same data fingerprint, model and epochs).
-The table (markdown) and the plot are written to --out and logged, with the per-backend figures, to a
-summary run in the MLflow experiment `medspark-bench-backends`. Arguments after `--` go to every run.
+--per-class and --image-size size the synthetic data (dataset.generate.per_class, dataset.generate.size and
+preprocess.image_size; unset: conf/'s defaults). The table (markdown) and the plot are logged, with the
+per-backend figures, to a summary run in the MLflow experiment `medspark-bench-backends`, and written to
+benchmarks/results/ only with --save-results (results_folder.py). Arguments after `--` go to every run (they win).
 Launched by `mlflow run . -e benchmark` (MLFLOW_RUN_ID set), that run is the summary run and the backends'
 runs are its children, in its experiment.
 """
@@ -18,6 +22,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import results_folder  # benchmarks/results_folder.py: where the result files go
 
 ROOT = Path(__file__).resolve().parents[1]
 BACKENDS = ["single", "mirrored", "elephas_sync", "elephas_async", "elephas_hogwild", "spark_barrier", "ensemble"]
@@ -36,6 +42,14 @@ def run_all(args, extra: list[str], env: dict | None = None) -> list[str]:
             failed.append(backend)
         print(f"### {backend}: {time.perf_counter() - t:.0f} s wall", flush=True)
     return failed
+
+
+def data_size(per_class: int | None, image_size: int | None) -> list[str]:
+    """The overrides that size the synthetic data of every backend's run."""
+    out = [f"dataset.generate.per_class={per_class}"] if per_class else []
+    if image_size:
+        out += [f"dataset.generate.size={image_size}", f"preprocess.image_size={image_size}"]
+    return out
 
 
 def table(runs) -> tuple[str, list[dict]]:
@@ -82,9 +96,12 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--backends", nargs="+", default=BACKENDS)
     ap.add_argument("--epochs", type=int, default=5)
+    ap.add_argument("--per-class", type=int, default=None, help="synthetic images per class (default: conf's)")
+    ap.add_argument("--image-size", type=int, default=None, help="side of the images, generated and trained on")
     ap.add_argument("--uri", default=f"sqlite:///{ROOT}/mlruns.db")
-    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    results_folder.add_arguments(ap)
     args = ap.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
+    extra = data_size(args.per_class, args.image_size) + extra
     if args.backends[0] != "single":
         args.backends = ["single"] + [b for b in args.backends if b != "single"]
     started = time.time() * 1000
@@ -105,7 +122,7 @@ def main(argv=None) -> None:
                                       f"attributes.start_time >= {int(started)} and attributes.status = 'FINISHED'"))
     runs = [r for r in runs if r.data.tags.get("medspark.bench") != "summary"]
     md, rows = table(runs)
-    args.out.mkdir(parents=True, exist_ok=True)
+    args.out = results_folder.folder(args)  # a temporary folder unless --save-results or --out
     (args.out / "backends.md").write_text(md)
     plot(rows, args.out / "backends.png")
     print("\n" + md)
@@ -114,7 +131,9 @@ def main(argv=None) -> None:
                                             run_name="bench-backends-summary", tags={"medspark.bench": "summary"}):
         given = mlflow.active_run().data.params  # `mlflow run` logged its own -P values: params cannot change
         mlflow.log_params({(f"bench_{k}" if k in given else k): v for k, v in {
-            "backends": " ".join(args.backends), "epochs": args.epochs, "overrides": " ".join(extra)}.items()})
+            "backends": " ".join(args.backends), "epochs": args.epochs, "overrides": " ".join(extra),
+            "per_class": args.per_class or "default", "image_size": args.image_size or "default",
+            "save_results": args.save_results}.items()})
         for r in rows:
             mlflow.log_metrics({f"{r['backend']}_{k.replace(' ', '_').replace('/', '_per_')}": float(r[k])
                                 for k in ("test accuracy", "train s", "images/s", "speedup", "efficiency")})

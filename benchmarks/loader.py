@@ -11,7 +11,8 @@ Materializes a synthetic set with the real Spark path (local[2]), then measures,
      backend runs), without augmentation (same work per step as 2) and with the default augmentation.
 Training rates are images/s over the epochs after the first (the first compiles the graph), no validation.
 Targets (issue 5): loader >= 5x the training rate; training loop >= 90% of the in-memory rate.
-Written to --out (loader.md, loader.json) and logged to an MLflow run in `medspark-bench-loader`.
+loader.md and loader.json are logged to an MLflow run in `medspark-bench-loader`, and written to benchmarks/results/
+only with --save-results (or to --out; results_folder.py).
 """
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ import os
 import statistics
 import time
 from pathlib import Path
+
+import results_folder  # benchmarks/results_folder.py: where the result files go
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENT = "medspark-bench-loader"
@@ -92,7 +95,7 @@ def main(argv=None) -> None:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--work", default=os.path.expanduser("~/.cache/medspark/bench-loader"))
     ap.add_argument("--uri", default=f"sqlite:///{ROOT}/mlruns.db")
-    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    results_folder.add_arguments(ap)
     args = ap.parse_args(argv)
 
     from omegaconf import OmegaConf
@@ -149,7 +152,7 @@ def main(argv=None) -> None:
           f"images, {os.cpu_count()} cores)\n\n| measurement | images/s | ratio | ratio means |\n|---|---|---|---|\n"]
     md += [f"| {a} | {b:,.0f} | {c:.2f}x | {d} |\n" for a, b, c, d in rows]
     text = "".join(md)
-    args.out.mkdir(parents=True, exist_ok=True)
+    args.out = results_folder.folder(args)  # a temporary folder unless --save-results or --out
     (args.out / "loader.md").write_text(text)
     (args.out / "loader.json").write_text(json.dumps(res, indent=1))
     print("\n" + text)

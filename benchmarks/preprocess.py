@@ -14,8 +14,9 @@ warm page cache. A per-stage profile of the sequential loop (microseconds per im
 Reported: images/s, speedup over the baseline, scaling from local[1], per-core efficiency (rate / (k x the
 baseline's rate)), and the peak memory of the Python driver and of the JVM (in local mode the JVM is driver and
 executor at once; pixels never reach either). Growth: wall time at several sizes of the synthetic set, plotted,
-with a least-squares line. Written to --out (preprocess.md, preprocess.json, preprocess_growth.png) and logged
-to an MLflow run in the experiment `medspark-bench-preprocess`.
+with a least-squares line. preprocess.md, preprocess.json and preprocess_growth.png are logged to an MLflow run in
+the experiment `medspark-bench-preprocess`, and written to benchmarks/results/ only with --save-results (or to
+--out; results_folder.py).
 """
 from __future__ import annotations
 
@@ -30,6 +31,8 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+
+import results_folder  # benchmarks/results_folder.py: where the result files go
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENT = "medspark-bench-preprocess"
@@ -309,7 +312,7 @@ def main(argv=None) -> None:
     ap.add_argument("--cores", type=int, nargs="+", default=sorted({1, 2, os.cpu_count() or 1}))
     ap.add_argument("--size", type=int, default=128, help="preprocess.image_size")
     ap.add_argument("--uri", default=f"sqlite:///{ROOT}/mlruns.db")
-    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    results_folder.add_arguments(ap)
     args = ap.parse_args(sub)
 
     from medspark.data.preprocess import PreprocessConfig
@@ -366,7 +369,7 @@ def main(argv=None) -> None:
                 print(f"growth {size}: sequential {s['seconds']:.1f} s, local[{top}] {r['seconds']:.1f} s, "
                       f"driver peak {r['driver_peak_mb']:.0f} MB, JVM peak {r['jvm_peak_mb']:.0f} MB", flush=True)
 
-    args.out.mkdir(parents=True, exist_ok=True)
+    args.out = results_folder.folder(args)  # a temporary folder unless --save-results or --out
     md = ["## Files -> Petastorm Parquet: sequential loop vs Spark\n", markdown(rows)]
     for name, prof in profiles.items():
         ceiling = prof.pop("ceiling_images_per_second")

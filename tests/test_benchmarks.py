@@ -1,11 +1,17 @@
 """The speed benchmarks keep working: a tiny run of benchmarks/preprocess.py writes its table, plot and MLflow
-run, and every path (the sequential loop, Spark local[1] and local[2]) writes the same number of rows."""
+run, and every path (the sequential loop, Spark local[1] and local[2]) writes the same number of rows; the backends
+benchmark takes its data size, and results reach benchmarks/results/ only when asked (benchmarks/results_folder.py)."""
+import argparse
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import results_folder  # noqa: E402  (benchmarks/ is a folder of scripts, not a package)
 
 
 def test_preprocess_benchmark_runs_every_path_and_logs(tmp_path):
@@ -31,3 +37,47 @@ def test_preprocess_benchmark_runs_every_path_and_logs(tmp_path):
     run = mlflow.search_runs(experiment_names=["medspark-bench-preprocess"], output_format="list")[0]
     assert run.data.metrics["synthetic_Spark_local2_images_per_second"] > 0
     assert "preprocess.md" in {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
+
+
+def parsed(*argv):
+    ap = argparse.ArgumentParser()
+    results_folder.add_arguments(ap)
+    return ap.parse_args(list(argv))
+
+
+def test_results_go_to_benchmarks_results_only_when_asked(tmp_path):
+    default = results_folder.folder(parsed())
+    assert default.is_dir() and not default.is_relative_to(ROOT)  # a temporary folder: the MLflow run gets the files
+    for argv in (["--save-results"], ["--save-results", "true"], ["--save-results", "yes"]):
+        assert parsed(*argv).save_results is True
+    assert parsed("--save-results", "false").save_results is False  # what `-P save_results=false` passes
+    assert results_folder.folder(parsed("--save-results", "true")) == ROOT / "benchmarks" / "results"
+    assert results_folder.folder(parsed("--out", str(tmp_path / "o"), "--save-results")) == tmp_path / "o"
+    with pytest.raises(SystemExit):
+        parsed("--save-results", "maybe")
+
+
+@pytest.mark.slow
+def test_backends_benchmark_takes_the_data_size_and_keeps_committed_results(tmp_path):
+    committed = {p.name: p.read_bytes() for p in (ROOT / "benchmarks" / "results").glob("backends.*")}
+    uri = f"sqlite:///{tmp_path}/m.db"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "backends.py"), "--backends", "single", "--epochs", "1",
+         "--per-class", "8", "--image-size", "32", "--uri", uri, "--", f"paths.work_dir={tmp_path}/work",
+         f"tracking.artifact_location={tmp_path}/artifacts", f"hydra.run.dir={tmp_path}/outputs"],
+        cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert {p.name: p.read_bytes() for p in (ROOT / "benchmarks" / "results").glob("backends.*")} == committed
+
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    runs = mlflow.search_runs(experiment_names=["medspark-bench-backends"], output_format="list")
+    summary, = [r for r in runs if r.data.tags.get("medspark.bench") == "summary"]
+    single, = [r for r in runs if r.data.tags.get("medspark.backend") == "single"]
+    assert single.data.metrics["data_listed"] == 4 * 8 and single.data.params["preprocess.image_size"] == "32"
+    assert summary.data.params["per_class"] == "8" and summary.data.params["save_results"] == "False"
+    assert summary.data.metrics["single_test_accuracy"] == single.data.metrics["test_accuracy"]
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(summary.info.run_id)}
+    assert {"backends.md", "backends.png"} <= artifacts
+    assert "| single |" in mlflow.artifacts.load_text(f"runs:/{summary.info.run_id}/backends.md")

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import mlflow
+import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
@@ -267,3 +268,57 @@ def test_spark_progress_bars_only_on_a_terminal(monkeypatch):
     for name in group_options("cluster"):  # no cluster option forces the bar into log files
         conf = OmegaConf.load(f"{config_dir()}/cluster/{name}.yaml").get("conf") or {}
         assert conf.get("spark.ui.showConsoleProgress") is None, name
+
+
+NOISE = ("Unable to register cu", "computation placer already registered", "failed call to cuInit",
+         "All log messages before absl::InitializeLog", "oneDNN custom operations")
+EXECUTOR_TASK = """
+import os, sys
+from omegaconf import OmegaConf
+from medspark.spark import session
+
+def task(_):
+    import keras  # TensorFlow starts in the executor's Python worker
+    import tensorflow as tf
+    os.write(2, b"E0000 a real error an executor writes\\n")
+    return [float(tf.constant(1.0) + 1)]
+
+s = session(OmegaConf.create({"name": "local", "cores": 2, "log_level": "ERROR",
+                              "conf": {"spark.driver.host": "127.0.0.1", "spark.ui.enabled": "false"}}))
+print("result", s.sparkContext.parallelize([1, 2], 2).mapPartitions(task).collect(), flush=True)
+s.stop()
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(cli.has_gpu(), reason="checks the CPU-only start-up")
+def test_executors_import_tensorflow_quietly_and_still_show_real_errors(tmp_path):
+    """Spark's Python workers import TensorFlow through the driver's filter (medspark.quiet_daemon): without it this
+    run prints 15 lines of cuFFT/cuDNN/cuBLAS/cuInit noise (two workers), with it none; what a task really writes to
+    stderr still shows."""
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "src"), *filter(None, [env.get("PYTHONPATH")])])  # this checkout
+    res = subprocess.run([sys.executable, "-c", EXECUTOR_TASK], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=600, env=env)
+    assert res.returncode == 0 and "result [2.0, 2.0]" in res.stdout, res.stderr[-3000:]
+    assert res.stderr.count("E0000 a real error an executor writes") == 2, res.stderr[-3000:]
+    shown = [line for line in res.stderr.splitlines() if any(n in line for n in NOISE)]
+    assert not shown, shown
+
+
+def test_only_mlflows_cloudpickle_warning_is_dropped(tmp_path, capfd):
+    """Logging the packaged classifier does not print MLflow's CloudPickle warning; other MLflow warnings print."""
+    import keras
+
+    from medspark.data.preprocess import PreprocessConfig
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlruns.db")
+    mlflow.set_experiment("cloudpickle")
+    model = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Flatten(), keras.layers.Dense(2, "softmax")])
+    pre = PreprocessConfig.from_mapping({"image_size": 8, "channels": 1})
+    with mlflow.start_run():
+        info = tracking.log_classifier(model, pre, ["a", "b"], np.zeros((1, 8, 8, 1), np.uint8), None)
+        logging.getLogger("mlflow.pyfunc").warning("another MLflow warning")
+    out = capfd.readouterr()
+    assert info.model_uri and "CloudPickle" not in out.out + out.err
+    assert "another MLflow warning" in out.err

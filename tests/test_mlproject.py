@@ -22,16 +22,19 @@ TINY = ["backend=single", "dataset=synthetic", "dataset.generate.per_class=40", 
 MLFLOW = str(Path(sys.executable).with_name("mlflow"))
 
 
-def mlflow_run(tmp: Path, entry: str, *args: str) -> tuple[subprocess.CompletedProcess, str]:
-    """`mlflow run . -e entry` from the repo root, store and outputs in tmp; MLflow's own env vars point at the
-    same store (MLFLOW_TRACKING_URI, as a user sets it)."""
+def mlflow_run(tmp: Path, entry: str, *args: str, project: str = ".",
+               overrides: list[str] | None = None) -> tuple[subprocess.CompletedProcess, str]:
+    """`mlflow run <project> -e entry` from the repo root, store and outputs in tmp; MLflow's own env vars point at
+    the same store (MLFLOW_TRACKING_URI, as a user sets it). `overrides`: instead of TINY and paths under tmp."""
     uri = f"sqlite:///{tmp}/mlruns.db"
-    overrides = " ".join(TINY + [f"tracking.uri={uri}", f"paths.work_dir={tmp}/work",
-                                 f"tracking.artifact_location={tmp}/artifacts", f"hydra.run.dir={tmp}/outputs"])
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_") and k != "MEDSPARK_PARENT_RUN_ID"}
+    if overrides is None:
+        overrides = TINY + [f"paths.work_dir={tmp}/work", f"tracking.artifact_location={tmp}/artifacts",
+                            f"hydra.run.dir={tmp}/outputs"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "MEDSPARK_"))}
     # --env-manager local runs the entry point's `python` from PATH: this virtualenv's, as when it is activated
     env |= {"MLFLOW_TRACKING_URI": uri, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"}
-    res = subprocess.run([MLFLOW, "run", ".", "-e", entry, "-P", f"overrides={overrides}", "--env-manager", "local",
+    res = subprocess.run([MLFLOW, "run", project, "-e", entry, "-P",
+                          f"overrides={' '.join([*overrides, f'tracking.uri={uri}'])}", "--env-manager", "local",
                           *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, (res.stdout[-3000:], res.stderr[-5000:])
     return res, uri
@@ -54,8 +57,13 @@ def test_mlproject_entry_points_and_parameters():
     eps = spec["entry_points"]
     assert set(eps) >= {"main", "preprocess", "predict", "benchmark", "bench_preprocess", "bench_loader"}
     assert set(eps["predict"]["parameters"]) == {"model", "input", "output"}
-    assert "python -m medspark predict model={model} input={input} output={output}" == eps["predict"]["command"]
-    assert set(eps["benchmark"]["parameters"]) == {"epochs", "backends"}
+    assert eps["predict"]["command"].endswith("python -m medspark predict model={model} input={input} output={output}")
+    for name, ep in eps.items():  # the project's own code and folder, whatever medspark the environment has
+        assert ep["command"].startswith('export PYTHONPATH="$PWD/src:$PYTHONPATH" MEDSPARK_HOME="$PWD" && '), name
+    assert set(eps["benchmark"]["parameters"]) == {"epochs", "backends", "per_class", "image_size", "save_results"}
+    for name in ("benchmark", "bench_preprocess", "bench_loader"):  # the data size; benchmarks/results/ when asked
+        assert eps[name]["parameters"]["save_results"]["default"] == "false" and "image_size" in eps[name]["parameters"]
+        assert "--save-results {save_results}" in eps[name]["command"] and "{image_size}" in eps[name]["command"]
     assert "benchmarks/backends.py" in eps["benchmark"]["command"]
     for name in ("main", "preprocess"):
         assert set(eps[name]["parameters"]) == {"overrides"} and eps[name]["parameters"]["overrides"]["default"] == ""
@@ -105,3 +113,34 @@ def test_mlflow_run_preprocess_materializes_without_training(tmp_path):
     assert data_url in res.stdout and "train/val/test" in res.stdout
     local = Path(data_url.removeprefix("file://"))
     assert local.is_relative_to(tmp_path) and all((local / s).is_dir() for s in ("train", "val", "test"))
+
+
+@pytest.fixture(scope="module")
+def clone(tmp_path_factory):
+    """A `git clone` of this repository (its committed HEAD) with one more commit, a marker no other checkout has:
+    the synthetic dataset's default size, 7 images per class."""
+    dst = tmp_path_factory.mktemp("fetched") / "medspark-clone"
+    subprocess.run(["git", "clone", "-q", str(REPO), str(dst)], check=True, timeout=120)
+    conf = dst / "conf" / "dataset" / "synthetic.yaml"
+    text = conf.read_text()
+    assert "  per_class: 300" in text
+    conf.write_text(text.replace("  per_class: 300", "  per_class: 7"))
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@example.com", "commit", "-qam", "marker"],
+                   cwd=dst, check=True, timeout=60)
+    return dst
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("as_uri", [False, True], ids=["folder", "file-uri"])
+def test_mlflow_run_of_another_checkout_runs_its_code_and_writes_there(clone, tmp_path, as_uri):
+    """`mlflow run <a clone> --env-manager local` runs the clone's code and config, and its data lands in the clone,
+    although this virtualenv's medspark is another checkout (an editable install)."""
+    project = clone.as_uri() if as_uri else str(clone)
+    res, uri = mlflow_run(tmp_path, "preprocess", project=project,
+                          overrides=["dataset.generate.size=32", "preprocess.image_size=32"])
+    run, = all_runs(uri)
+    assert run.info.status == "FINISHED" and run.data.tags["mlflow.project.entryPoint"] == "preprocess"
+    assert run.data.tags["medspark.code"] == str(clone / "src" / "medspark")  # the clone's package ran
+    assert run.data.params["paths.project_dir"] == str(clone)
+    assert run.data.metrics["data_listed"] == 4 * 7  # the clone's own default (conf/dataset/synthetic.yaml)
+    assert run.data.params["data_url"].startswith((clone / ".medspark").as_uri())  # its data, in the clone

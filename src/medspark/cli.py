@@ -157,25 +157,33 @@ def quiet_native_logs() -> None:
 
 
 def import_tensorflow() -> None:
-    """Import TensorFlow and look for GPUs once, with the C++ start-up lines it writes to stderr filtered: the
-    IMPORT_NOISE lines always, the missing CUDA driver lines (cuInit) only where no GPU is present. Every other
-    line (a real error) is written back to stderr."""
+    """Import TensorFlow and look for GPUs once, with the C++ start-up lines it writes to stderr filtered
+    (native_noise_filtered). Spark executors' Python workers get the same filter from medspark.quiet_daemon."""
     global _tensorflow_imported
     if _tensorflow_imported:
         return
     _tensorflow_imported = True
+    quiet_native_logs()
+    with native_noise_filtered():
+        import tensorflow as tf
+
+        tf.config.list_physical_devices("GPU")  # CUDA initializes here, inside the filter
+
+
+@contextmanager
+def native_noise_filtered():
+    """File descriptor 2 captured while the block runs (TensorFlow's C++ code writes there, below Python), then
+    written back without the IMPORT_NOISE lines, and without the missing CUDA driver lines (cuInit) where no GPU
+    is present. Every other line (a real error) is written back to stderr."""
     import tempfile
 
-    quiet_native_logs()
     gpu = has_gpu()
     sys.stderr.flush()
     saved = os.dup(2)
     with tempfile.TemporaryFile() as captured:
         os.dup2(captured.fileno(), 2)
         try:
-            import tensorflow as tf
-
-            tf.config.list_physical_devices("GPU")  # CUDA initializes here, inside the filter
+            yield
         finally:
             sys.stderr.flush()
             os.dup2(saved, 2)

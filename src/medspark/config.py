@@ -176,6 +176,7 @@ class TrainConfig:
     objective: str
     measure_baseline: bool
     resume: bool
+    mixed_precision: bool = False  # keras_fit.fit trains under the mixed_float16 policy (docs/gpu.md)
 
     @classmethod
     def from_cfg(cls, train) -> "TrainConfig":

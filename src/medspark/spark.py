@@ -43,9 +43,11 @@ def master_url(cfg) -> str:
 
 def quiet_conf() -> dict[str, str]:
     """Spark settings for honest console output: the stage progress bar only when stderr is a terminal (in a
-    log file its carriage returns are junk), and the driver's TF_CPP_MIN_LOG_LEVEL (medspark.cli.quiet_native_logs)
-    passed to the executors of a cluster (local ones inherit it). cluster.conf overrides either."""
-    conf = {"spark.ui.showConsoleProgress": "true" if sys.stderr.isatty() else "false"}
+    log file its carriage returns are junk), the driver's TF_CPP_MIN_LOG_LEVEL (medspark.cli.quiet_native_logs)
+    passed to the executors of a cluster (local ones inherit it), and executors' Python workers importing TensorFlow
+    through the driver's noise filter (medspark.quiet_daemon). cluster.conf overrides any of them."""
+    conf = {"spark.ui.showConsoleProgress": "true" if sys.stderr.isatty() else "false",
+            "spark.python.daemon.module": "medspark.quiet_daemon"}
     if os.environ.get("TF_CPP_MIN_LOG_LEVEL"):
         conf["spark.executorEnv.TF_CPP_MIN_LOG_LEVEL"] = os.environ["TF_CPP_MIN_LOG_LEVEL"]
     return conf

@@ -174,6 +174,7 @@ def configure(tracking) -> str:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")  # a server gone mid-run: fail in about a minute,
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")     # not after MLflow's default 7 retries x 120 s
     mlflow.set_tracking_uri(uri)
+    system_metrics(bool(tracking.get("system_metrics", True)))
     if tracking.get("registry_uri"):
         mlflow.set_registry_uri(str(tracking.registry_uri))
     exp = mlflow.get_experiment_by_name(tracking.experiment)
@@ -184,6 +185,24 @@ def configure(tracking) -> str:
         exp_id = exp.experiment_id
     mlflow.set_experiment(experiment_id=exp_id)
     return exp_id
+
+
+SYSTEM_METRICS_INTERVAL_S = 5  # MLflow samples every 10 s by default: a short run would get one point or none
+
+
+def system_metrics(on: bool) -> None:
+    """MLflow's built-in system metrics (tracking.system_metrics) for every run this process starts: CPU, memory,
+    disk, network (psutil) and GPU where pynvml finds one, as `system/...` metrics sampled every
+    SYSTEM_METRICS_INTERVAL_S seconds ($MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL wins). MLflow's INFO lines about
+    starting and stopping the monitor stay off the console."""
+    import mlflow
+
+    if on:
+        os.environ.setdefault("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", str(SYSTEM_METRICS_INTERVAL_S))
+        mlflow.enable_system_metrics_logging()
+    else:
+        mlflow.disable_system_metrics_logging()
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
 
 
 def is_remote(uri: str) -> bool:
@@ -211,6 +230,7 @@ def artifact_location(uri: str, configured: str | None) -> str | None:
     return None
 
 
+CODE_TAG = "medspark.code"  # the folder of the medspark package that recorded the run
 PARENT_RUN_ENV = "MEDSPARK_PARENT_RUN_ID"  # set by medspark.sweep (and benchmarks/backends.py) for their jobs
 SWEEP_PARAMS_ENV = "MEDSPARK_SWEEP_PARAMS"  # set by medspark.sweep for its jobs: its `sweep_params` (run names)
 
@@ -228,6 +248,7 @@ def run(run_name: str | None = None, tags: dict | None = None):
     import mlflow
 
     tags = {k: mask_text(str(v)) for k, v in (tags or {}).items()}  # e.g. medspark.overrides: the command line
+    tags.setdefault(CODE_TAG, str(Path(__file__).resolve().parent))  # which medspark ran (mlflow run of a checkout)
     launched = os.environ.get("MLFLOW_RUN_ID")  # mlflow.start_run() resumes it (and removes it from os.environ)
     parent = os.environ.get(PARENT_RUN_ENV)
     if launched:
@@ -463,11 +484,13 @@ def log_listing(listing) -> None:
                         "data/sources.json")
 
 
-def log_training(result) -> None:
-    """Per-epoch curves and what the backend reports about itself (workers, batch, its own metrics)."""
+def log_training(result, live=None) -> None:
+    """Per-epoch curves and what the backend reports about itself (workers, batch, its own metrics). `live`: the
+    backends.keras_fit.LiveMetrics the fit ran under; what it logged during training is not logged again."""
     import mlflow
 
-    log_history(result.history, result.epoch_seconds, first_epoch=getattr(result, "resumed_epochs", 0))
+    log_history(result.history, result.epoch_seconds, first_epoch=getattr(result, "resumed_epochs", 0),
+                skip=live.logged if live is not None else ())
     log_params({f"backend_{k}": v for k, v in result.params.items()} |
                {"workers": result.workers, "global_batch_size": result.global_batch_size})
     mlflow.log_metrics(result.metrics | {"epochs_run": len(result.epoch_seconds)})
@@ -514,18 +537,27 @@ def log_speedup(result, backend: str, key: str, measured=None) -> dict:
     return out
 
 
-def log_history(history: dict, epoch_seconds: list[float], first_epoch: int = 0) -> None:
+def history_metric(key: str) -> str:
+    """The MLflow metric name of a Keras history key (`learning_rate` -> `epoch_learning_rate`)."""
+    return f"epoch_{key}" if key in ("learning_rate",) else key
+
+
+def log_history(history: dict, epoch_seconds: list[float], first_epoch: int = 0, skip=()) -> None:
     """Per-epoch curves, step = epoch index (0-based, as Keras counts). A resumed training's history covers every
     epoch (those before the interruption come from its checkpoint); `epoch_seconds` only the epochs this run
-    trained, from `first_epoch` on."""
+    trained, from `first_epoch` on. `skip`: (metric, step) pairs already logged while training (LiveMetrics)."""
     import mlflow
     from mlflow.entities import Metric
     import time
 
     now = int(time.time() * 1000)
-    metrics = [Metric(f"epoch_{k}" if k in ("learning_rate",) else k, float(v), now, step)
+    metrics = [Metric(history_metric(k), float(v), now, step)
                for k, vals in history.items() for step, v in enumerate(vals)]
     metrics += [Metric("epoch_seconds", float(v), now, step) for step, v in enumerate(epoch_seconds, first_epoch)]
+    skip = set(skip)
+    metrics = [m for m in metrics if (m.key, m.step) not in skip]
+    if not metrics:
+        return
     client = mlflow.tracking.MlflowClient()
     run_id = mlflow.active_run().info.run_id
     for i in range(0, len(metrics), 1000):
@@ -575,10 +607,28 @@ def log_classifier(model, preprocess, classes, example_images, registered_name: 
     per-finding thresholds of a multilabel model."""
     from . import serving
 
+    quiet_cloudpickle_warning()
     limits = serving.ServingLimits.from_mapping(serving_cfg or {})
     return serving.log_model(portable(model), preprocess, classes, example_images, name=CLASSIFIER_NAME,
                              registered_model_name=classifier_registered_name(registered_name), limits=limits,
                              task=task, **(shipped or {}))
+
+
+CLOUDPICKLE_WARNING = "Passing a Python object as `python_model` causes it to be serialized using CloudPickle"
+
+
+class _DropCloudPickleWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(CLOUDPICKLE_WARNING)
+
+
+def quiet_cloudpickle_warning() -> None:
+    """MLflow warns on every pyfunc logged from a Python object that it is pickled with CloudPickle. The classifier's
+    pickle is medspark.serving.ImageClassifier by reference, with no state, and its code ships beside it
+    (code_paths): that one warning is dropped from the `mlflow.pyfunc` logger; every other warning stays."""
+    logger = logging.getLogger("mlflow.pyfunc")
+    if not any(isinstance(f, _DropCloudPickleWarning) for f in logger.filters):
+        logger.addFilter(_DropCloudPickleWarning())
 
 
 def model_uri(info, registered_name: str | None = None) -> str:

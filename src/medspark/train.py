@@ -26,6 +26,7 @@ def train(cfg: DictConfig, overrides: list[str] | tuple = (), spark=None) -> flo
     check -> data stage (medspark.pipeline) -> backend fit -> evaluate the test split -> track in MLflow."""
     from .backends import build
     from .backends.api import TrainJob
+    from .backends.keras_fit import LiveMetrics
 
     backend = build(cfg.backend)  # a bad backend option is one line, before Spark starts
     resume.check(cfg, backend)
@@ -41,14 +42,15 @@ def train(cfg: DictConfig, overrides: list[str] | tuple = (), spark=None) -> flo
         key = objective_metric(cfg.train.objective, data.task)
         mlflow.set_tag("mlflow.note.content", tracking.describe_run(cfg, data, key, overrides))
         checkpoint = resume.prepare(cfg, data, stage.run.info.run_id, backend)  # train.resume: see medspark.resume
-        result = backend.fit(TrainJob.from_config(cfg, data, spark=stage.spark, checkpoint=checkpoint))
+        with LiveMetrics() as live:  # per-epoch metrics on the run as epochs end (fits in this process)
+            result = backend.fit(TrainJob.from_config(cfg, data, spark=stage.spark, checkpoint=checkpoint))
         baseline = None
         if cfg.train.get("measure_baseline") and backend.name != "single":
             log.info("train.measure_baseline=true: training the `single` baseline on the same data")
             baseline = build(baseline_backend(cfg)).fit(TrainJob.from_config(cfg, data, spark=stage.spark))
         stage.stop_spark()
         timings.update(train_seconds=result.train_seconds, train_images_per_second=result.images_per_second)
-        tracking.log_training(result)
+        tracking.log_training(result, live)
         same = tracking.baseline_key(data.fingerprint, OmegaConf.to_container(cfg.model, resolve=True),
                                      cfg.train.epochs)
         speed = tracking.log_speedup(result, backend.name, same, baseline)

@@ -1,6 +1,7 @@
 """THE Keras fit path: every backend that trains with `model.fit` (single, mirrored, each spark_barrier worker,
 each ensemble member) calls `fit`, which builds and compiles the model from the job, wires the callbacks (early
-stopping, learning-rate schedule, resume checkpoint, epoch timer), fits and returns a TrainResult.
+stopping, learning-rate schedule, resume checkpoint, epoch timer, live MLflow metrics), fits and returns a
+TrainResult.
 
 What differs between strategies is what the backend passes in: the datasets (a whole split, a worker's shard, a
 bootstrap sample), the batch size, the distribution strategy whose scope holds the model, the seed and model
@@ -10,12 +11,14 @@ from the job, and nowhere else (the Elephas backends compile through it too).
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from typing import Any, Callable
 
 from . import schedule
 from .api import TrainJob, TrainResult
 
+log = logging.getLogger(__name__)
 OPTIMIZERS = {"adam": "Adam", "adamw": "AdamW", "sgd": "SGD", "rmsprop": "RMSprop"}  # train.optimizer -> keras
 
 
@@ -73,6 +76,80 @@ class EpochTimer:
         return _Timer()
 
 
+_live: "LiveMetrics | None" = None  # the LiveMetrics in effect in this process (train.py's fit of the run)
+
+
+class LiveMetrics:
+    """Each epoch's metrics (loss, accuracy, val_*, epoch_learning_rate, epoch_seconds; step = epoch) logged to the
+    MLflow run as the epoch ends, so the UI shows the curves while training runs. A context manager: train.py wraps
+    the backend's fit of the run in it; every `fit` in this process meanwhile logs live (single, mirrored: their
+    fit runs in the driver). Backends whose fit runs in Spark executors (spark_barrier, ensemble, elephas) have no
+    MLflow run there: their history is logged when fit returns. `logged` holds the (metric, step) pairs sent, which
+    tracking.log_training then does not log again. A failed log never stops training: live logging stops (with one
+    warning) and the rest is logged after fit."""
+
+    def __init__(self, run_id: str | None = None):
+        self.run_id = run_id
+        self.logged: set[tuple[str, int]] = set()
+
+    def __enter__(self) -> "LiveMetrics":
+        global _live
+        if self.run_id is None:
+            import mlflow
+
+            run = mlflow.active_run()
+            self.run_id = run.info.run_id if run else None
+        _live = self if self.run_id else None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        global _live
+        _live = None
+
+    def log(self, metrics: list) -> bool:
+        """Send `metrics` (mlflow Metric) to the run; False (and live logging off, one warning) if the store fails."""
+        from mlflow import MlflowClient
+
+        if self.run_id is None:
+            return False
+        try:
+            for i in range(0, len(metrics), 1000):  # MLflow takes at most 1000 metrics a batch
+                MlflowClient().log_batch(self.run_id, metrics=metrics[i:i + 1000])
+        except Exception as e:  # the tracking store hiccuped: train on, log the rest at the end
+            log.warning("live metrics stopped (%s); the rest is logged after training", e)
+            self.run_id = None
+            return False
+        self.logged.update((m.key, m.step) for m in metrics)
+        return True
+
+    def callback(self, timer, checkpoint=None):
+        """The Keras callback; `timer` (EpochTimer, which runs first) gives epoch_seconds. A training resumed from
+        `checkpoint` logs the epochs it restored as it starts (their curves first, then the new epochs')."""
+        import keras
+        from mlflow.entities import Metric
+
+        from ..tracking import history_metric
+
+        live = self
+
+        class _Live(keras.callbacks.Callback):
+            def on_train_begin(self, logs=None):  # after the checkpoint's: it has restored the history by now
+                restored = checkpoint.resumed_epochs if checkpoint is not None else 0
+                if restored:
+                    now = int(time.time() * 1000)
+                    live.log([Metric(history_metric(k), float(v), now, step)
+                              for k, vals in checkpoint.history.items() for step, v in enumerate(vals[:restored])])
+
+            def on_epoch_end(self, epoch, logs=None):
+                now = int(time.time() * 1000)
+                values = {history_metric(k): float(v) for k, v in (logs or {}).items()}
+                if timer.seconds:
+                    values["epoch_seconds"] = timer.seconds[-1]
+                live.log([Metric(k, v, now, epoch) for k, v in values.items()])
+
+        return _Live()
+
+
 def callbacks(job: TrainJob) -> list:
     """Early stopping that restores the best weights and the learning-rate schedule (both from schedule.py), and
     with a checkpoint the per-epoch backup that lets a killed run resume (last: it records what the others logged)."""
@@ -80,6 +157,24 @@ def callbacks(job: TrainJob) -> list:
     if job.checkpoint is not None:
         out.append(job.checkpoint.callback(others=list(out)))
     return out
+
+
+@contextlib.contextmanager
+def precision(mixed: bool):
+    """train.mixed_precision: the model is built and compiled under Keras' `mixed_float16` policy (float16 compute,
+    float32 weights; compile wraps the optimizer in a LossScaleOptimizer; the output layer, models._common.head, is
+    float32), then the global policy is restored: the layers keep theirs, nothing else in the process changes."""
+    if not mixed:
+        yield
+        return
+    import keras
+
+    before = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        yield
+    finally:
+        keras.mixed_precision.set_global_policy(before)
 
 
 def history_dict(history) -> dict[str, list[float]]:
@@ -97,16 +192,18 @@ def fit(job: TrainJob, train_data, val_data=None, *, batch_size: int, images_per
     import keras
 
     keras.utils.set_random_seed(job.seed if seed is None else seed)
-    with strategy.scope() if strategy is not None else contextlib.nullcontext():
+    with strategy.scope() if strategy is not None else contextlib.nullcontext(), \
+            precision(bool(getattr(job.train, "mixed_precision", False))):
         model = job.build_model(**(model_overrides or {}))
         compile_model(model, job)
     if prepare is not None:
         prepare(model)
     timer = EpochTimer()
+    live = [_live.callback(timer, job.checkpoint)] if _live is not None else []  # last: it sees what the others put in the logs
     start = time.perf_counter()
     hist = model.fit(train_data, validation_data=val_data, epochs=job.train.epochs, steps_per_epoch=steps_per_epoch,
                      validation_steps=validation_steps, validation_batch_size=validation_batch_size,
-                     callbacks=[timer, *callbacks(job), *extra_callbacks],
+                     callbacks=[timer, *callbacks(job), *extra_callbacks, *live],
                      class_weight=job.class_weight() if class_weight else None,
                      shuffle=False,  # the loader shuffles (row groups, then a buffer)
                      verbose=job.train.verbose if verbose is None else verbose)

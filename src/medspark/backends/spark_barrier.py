@@ -480,6 +480,9 @@ def barrier_task(_, blob: bytes, spec: WorkerSpec):
                TF_NUM_INTEROP_THREADS=str(inter), MEDSPARK_BARRIER_THREADS=f"{intra},{inter}",
                TF_CONFIG=json.dumps({"cluster": {"worker": addresses}, "task": {"type": "worker", "index": index}}))
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    gpus = getattr(ctx.resources().get("gpu"), "addresses", None)  # Spark GPU scheduling gave this task its GPU(s)
+    if gpus:  # (spark.task.resource.gpu.amount; docs/gpu.md): this worker sees only those
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
     hosts = ",".join(sorted({a.rsplit(":", 1)[0] for a in addresses}))
     env["no_grpc_proxy"] = ",".join(filter(None, [env.get("no_grpc_proxy"), hosts]))  # peers are never proxied
 
@@ -677,5 +680,8 @@ def worker_main(tmp: str) -> None:
 
 
 if __name__ == "__main__":
+    from medspark.quiet_daemon import install
+
+    install()  # TensorFlow's start-up noise filtered, whatever imports it first (unpickling the job does)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     worker_main(sys.argv[1])
