@@ -6,10 +6,10 @@ import keras
 import numpy as np
 import pytest
 
-from medspark.models import dense, param_count, resnet50, small_cnn
+from medspark.models import dense, flops_per_image, param_count, res_cnn, resnet50, small_cnn
 
-BUILDERS = {"small_cnn": small_cnn, "dense": dense, "resnet50": resnet50}
-SIZE = {"small_cnn": 32, "dense": 32, "resnet50": 32}  # small sizes keep the tests fast
+BUILDERS = {"small_cnn": small_cnn, "dense": dense, "resnet50": resnet50, "res_cnn": res_cnn}
+SIZE = {"small_cnn": 32, "dense": 32, "resnet50": 32, "res_cnn": 32}  # small sizes keep the tests fast
 NO_DOWNLOAD = {"resnet50": {"weights": None}}  # no internet here; the imagenet path is tested separately
 
 
@@ -49,7 +49,7 @@ def test_no_lambda_layers_and_uncompiled(name):
     assert not model.compiled
 
 
-@pytest.mark.parametrize("name", ["small_cnn", "dense", pytest.param("resnet50", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("name", ["small_cnn", "dense", "res_cnn", pytest.param("resnet50", marks=pytest.mark.slow)])
 def test_save_load_roundtrip(name, tmp_path):
     model = _build(name, channels=1)
     x = _images(4, SIZE[name], 1)
@@ -110,13 +110,37 @@ def test_small_cnn_structure_and_l2():
     assert len(small_cnn.build((32, 32, 1), 2, l2=1e-4).losses) == 5  # 4 convs + classifier
 
 
+def test_res_cnn_structure_and_cost():
+    model = res_cnn.build((128, 128, 1), 4)
+    assert model.get_layer("stem_conv").output.shape[1:3] == (64, 64)  # the cheap stride-2 stem
+    assert model.get_layer("s4b1_out").output.shape[1:] == (4, 4, 288)
+    assert [model.get_layer(f"s{s}b1_proj") for s in (1, 2, 3, 4)]  # strided stages: avg-pool + 1x1 shortcut
+    assert param_count(model)["total"] < 500_000
+    # an eighth of small_cnn's multiply-adds at the same input and a similar parameter count
+    assert flops_per_image(model) * 6 < flops_per_image(small_cnn.build((128, 128, 1), 4))
+    with pytest.raises(ValueError, match="model.filters .* model.blocks"):
+        res_cnn.build((64, 64, 1), 4, filters=[8, 16], blocks=[1])
+    with pytest.raises(ValueError, match="at least 32x32"):
+        res_cnn.build((16, 16, 1), 4)
+
+
+def test_flops_per_image_counts_each_kind_of_layer():
+    inputs = keras.Input((8, 8, 2))
+    x = keras.layers.Conv2D(4, 3, padding="same")(inputs)                     # 8*8 * 3*3*2*4 = 4608
+    x = keras.layers.SeparableConv2D(6, 3, strides=2, padding="same")(x)       # 4*4 * (3*3*4 + 4*6) = 960
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    out = keras.layers.Dense(3)(x)                                             # 6*3 = 18
+    assert flops_per_image(keras.Model(inputs, out)) == 4608 + 960 + 18
+
+
 def test_dense_pooling_keeps_first_layer_small():
     model = dense.build((128, 128, 1), 4)
     assert model.get_layer("dense1").kernel.shape == (32 * 32, 256)
     assert dense.build((32, 32, 1), 4, pool=1).get_layer("dense1").kernel.shape == (1024, 256)
 
 
-def test_small_cnn_learns_bright_vs_dark():
+@pytest.mark.parametrize("builder", [small_cnn, res_cnn])
+def test_cnns_learn_bright_vs_dark(builder):
     keras.utils.set_random_seed(0)
     rng = np.random.default_rng(0)
 
@@ -126,7 +150,7 @@ def test_small_cnn_learns_bright_vs_dark():
         return x.astype("float32"), y
 
     x, y = data(128)
-    model = small_cnn.build((32, 32, 1), 2)
+    model = builder.build((32, 32, 1), 2)
     model.compile(keras.optimizers.Adam(1e-3), "sparse_categorical_crossentropy")
     model.fit(x, y, batch_size=16, epochs=8, shuffle=True, verbose=0)
     xt, yt = data(64)

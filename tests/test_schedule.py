@@ -70,6 +70,27 @@ def test_fit_callback_and_epoch_loop_agree(kind):
     assert [loop.lr_for(e) for e in range(len(VAL_LOSS))] == pytest.approx(rates)
 
 
+@pytest.mark.parametrize("kind", ["cosine", "none", "plateau"])
+def test_warmup_rises_linearly_then_the_schedule_runs_over_the_epochs_left(kind):
+    epochs, w = len(VAL_LOSS), 3
+    [cb] = schedule.keras_callbacks(train_cfg(kind, warmup_epochs=w))
+    rates = drive(cb, keras_model(), VAL_LOSS)
+    assert rates[:w] == pytest.approx([1e-3 * (e + 1) / (w + 1) for e in range(w)])
+    assert rates[w] == pytest.approx(1e-3)  # the full rate once warm
+    if kind == "cosine":
+        assert rates[w:] == pytest.approx([0.5e-3 * (1 + math.cos(math.pi * e / (epochs - w))) for e in range(epochs - w)])
+    if kind == "none":
+        assert rates[w:] == pytest.approx([1e-3] * (epochs - w))
+    if kind == "plateau":  # the warm-up epochs are not judged: the first cut comes 2 stalls after warm-up
+        assert rates[w] == rates[w + 1] == pytest.approx(1e-3) and min(rates[w:]) < 1e-3
+    loop = schedule.LrSchedule(train_cfg(kind, warmup_epochs=w))  # elephas_sync's loop follows the same rates
+    got = []
+    for epoch, loss in enumerate(VAL_LOSS):
+        got.append(loop.lr_for(epoch))
+        loop.end_epoch({"val_loss": loss})
+    assert got == pytest.approx(rates)
+
+
 def test_the_rate_is_logged_and_a_wrong_kind_names_the_key():
     [cb] = schedule.keras_callbacks(train_cfg("cosine"))
     cb.set_model(keras_model())

@@ -177,6 +177,9 @@ class TrainConfig:
     measure_baseline: bool
     resume: bool
     mixed_precision: bool = False  # keras_fit.fit trains under the mixed_float16 policy (docs/gpu.md)
+    warmup_epochs: int = 0  # linear warm-up of the rate over the first epochs, then the schedule
+    label_smoothing: float = 0.0  # targets (1 - e) on the class, e / K spread over all (single-label and multilabel)
+    ema: float = 0.0  # keep an exponential moving average of the weights (per step, this momentum); 0 = off
 
     @classmethod
     def from_cfg(cls, train) -> "TrainConfig":
@@ -192,7 +195,8 @@ _CHOICES = {"train.optimizer": OPTIMIZERS, "train.lr_schedule": LR_SCHEDULES, "t
             "train.early_stopping.mode": ES_MODES}
 _MINIMUM = {"train.epochs": 1, "train.batch_size": 1, "train.shuffle_buffer": 0, "train.weight_decay": 0,
             "train.early_stopping.patience": 0, "train.augment.rotation": 0, "train.augment.brightness": 0,
-            "train.augment.contrast": 0, "train.verbose": 0}
+            "train.augment.contrast": 0, "train.verbose": 0, "train.warmup_epochs": 0, "train.label_smoothing": 0,
+            "train.ema": 0}
 
 
 def _typed(cls, raw, key: str):
@@ -230,6 +234,9 @@ def _typed(cls, raw, key: str):
             raise ConfigError(f"{full}={value} must be >= {_MINIMUM[full]}")
     if key == "train" and not out["lr"] > 0:
         raise ConfigError(f"train.lr={out['lr']} must be a positive number")
+    for name in ("label_smoothing", "ema") if key == "train" else ():
+        if not out.get(name, 0.0) < 1:
+            raise ConfigError(f"train.{name}={out[name]} must be in [0, 1)")
     return cls(**out)
 
 

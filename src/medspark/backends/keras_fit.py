@@ -25,18 +25,24 @@ OPTIMIZERS = {"adam": "Adam", "adamw": "AdamW", "sgd": "SGD", "rmsprop": "RMSpro
 def loss_and_metrics(job: TrainJob) -> tuple[Any, list]:
     """The job's task decides: integer class labels and a softmax (sparse categorical cross-entropy, accuracy), or
     multi-hot findings and one sigmoid each (binary cross-entropy, positives weighted per finding with
-    train.class_weight=balanced; binary accuracy as `accuracy`, and the mean ROC-AUC over findings as `auc`)."""
+    train.class_weight=balanced; binary accuracy as `accuracy`, and the mean ROC-AUC over findings as `auc`).
+    train.label_smoothing softens the targets of either (losses.SmoothedSparseCE for class labels)."""
     import keras
 
+    smooth = job.train.label_smoothing
     if not job.data.multilabel:
-        return "sparse_categorical_crossentropy", ["accuracy"]
+        if not smooth:
+            return "sparse_categorical_crossentropy", ["accuracy"]
+        from .losses import SmoothedSparseCE
+
+        return SmoothedSparseCE(smooth), ["accuracy"]
     pos = job.positive_weights()
     if pos is None:
-        loss = keras.losses.BinaryCrossentropy()
+        loss = keras.losses.BinaryCrossentropy(label_smoothing=smooth)
     else:
         from .losses import PositiveWeightedBCE
 
-        loss = PositiveWeightedBCE(pos)
+        loss = PositiveWeightedBCE(pos, label_smoothing=smooth)
     return loss, [keras.metrics.BinaryAccuracy(name="accuracy"),
                   keras.metrics.AUC(multi_label=True, num_labels=len(job.data.classes), name="auc")]
 
@@ -51,6 +57,8 @@ def compile_model(model, job: TrainJob) -> None:
         kwargs["momentum"] = 0.9
     if t.optimizer == "adamw":
         kwargs["weight_decay"] = t.weight_decay
+    if t.ema:  # the weights fit() ends with are the moving average (Keras swaps them in at the end of fit)
+        kwargs.update(use_ema=True, ema_momentum=t.ema)
     optimizer = getattr(keras.optimizers, OPTIMIZERS[t.optimizer])(**kwargs)
     loss, metrics = loss_and_metrics(job)
     model.compile(optimizer=optimizer, loss=loss, metrics=metrics)

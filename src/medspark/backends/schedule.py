@@ -5,6 +5,8 @@ called by keras_fit.callbacks); loops that are not `model.fit` (elephas_sync's e
 and `EarlyStop` themselves. Both compute every decision with the same code. Rates (`train.lr_schedule`):
 - `none`: train.lr throughout;
 - `cosine`: 0.5 * lr * (1 + cos(pi * epoch / epochs)), set at the start of each epoch (0-based);
+- with `train.warmup_epochs` = w > 0 the first w epochs train at lr * (epoch + 1) / (w + 1), and the schedule then
+  runs over the epochs left (cosine: from lr at epoch w to 0 at the end; none and plateau: from lr);
 - `plateau`: the rule of keras ReduceLROnPlateau(monitor="val_loss", factor=0.5, patience=2, min_lr=1e-6,
   min_delta=1e-4): after 2 epochs in a row without val_loss improving on its best by more than 1e-4, halve
   the rate (not below 1e-6) and start counting again.
@@ -77,16 +79,28 @@ class LrSchedule:
 
     def __init__(self, train):
         self.kind, self.base_lr, self.epochs = kind_of(train), float(_get(train, "lr")), int(_get(train, "epochs"))
-        self.lr, self.best, self.wait = self.base_lr, None, 0
+        self.warmup = int(_get(train, "warmup_epochs", 0) or 0)
+        self.lr, self.best, self.wait, self.epoch = self.base_lr, None, 0, 0
+        if self.warmup:
+            self.lr = self.lr_for(0)
 
     def lr_for(self, epoch: int) -> float:
-        if self.kind == "cosine":
-            self.lr = cosine_lr(epoch, self.base_lr, self.epochs)
+        self.epoch = epoch
+        if epoch < self.warmup:
+            self.lr = self.base_lr * (epoch + 1) / (self.warmup + 1)
+        elif self.kind == "cosine":
+            self.lr = cosine_lr(epoch - self.warmup, self.base_lr, self.epochs - self.warmup)
+        elif epoch == self.warmup and self.warmup:
+            self.lr = self.base_lr
         return self.lr
+
+    def warmup_pending(self) -> bool:
+        """Still warming up (plateau does not judge the warm-up epochs)."""
+        return self.epoch < self.warmup
 
     def end_epoch(self, logs: dict) -> float:
         """Record the finished epoch; returns the rate the next epoch starts with (plateau may cut it)."""
-        if self.kind != "plateau":
+        if self.kind != "plateau" or self.warmup_pending():
             return self.lr
         value = logs.get(PLATEAU_MONITOR)
         if value is None:
@@ -115,7 +129,7 @@ def keras_callbacks(train) -> list:
     if stop.patience:
         out.append(keras.callbacks.EarlyStopping(monitor=stop.monitor, patience=stop.patience, mode=stop.mode,
                                                  restore_best_weights=True, verbose=1))
-    if kind_of(train) == "none":
+    if kind_of(train) == "none" and not int(_get(train, "warmup_epochs", 0) or 0):
         return out
 
     class ScheduleCallback(keras.callbacks.Callback):

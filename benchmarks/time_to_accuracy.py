@@ -1,0 +1,257 @@
+"""Time to accuracy: test accuracy against wall-clock training minutes, epoch by epoch, one curve per recipe.
+
+    .venv/bin/python benchmarks/time_to_accuracy.py \
+        --recipe current="experiment=brain_mri_small_cnn" \
+        --recipe res_cnn="experiment=brain_mri_small_cnn model=res_cnn train.optimizer=adamw train.lr=2e-3" \
+        --seeds 42 --budget-minutes 30 -- dataset.root=../shared/datasets/brain-tumor-mri
+
+Each (recipe, seed) trains in its own process (a fresh TensorFlow) through the real pipeline: the dataset is listed,
+preprocessed on Spark and read from Petastorm as `medspark` does, the model is built from `conf/model/` and trained
+by the one fit path (backends/keras_fit.fit, as backend=single). After every epoch the test split is predicted (its
+time is not counted as training time) and recorded: training minutes so far, test accuracy, recall per class, and the
+sensitivity for "any lesion" (--negative names the class whose confusion with the others is the costly error:
+`notumor` calls a tumour "no tumour"). Training stops after --budget-minutes of training time. The model's
+multiply-adds per image and parameters go with it. The first recipe is the reference: the table gives every recipe's
+minutes to reach the reference's final accuracy and the ratio. Machines differ by 2-3x in speed: compare recipes
+measured in the same invocation.
+
+Results: one MLflow run per (recipe, seed) in the experiment `medspark-bench-time-to-accuracy` (per-epoch metrics
+`curve_*` with step = epoch) and a summary run with the table (markdown) and the curves (PNG); written to --out as
+well only with --save.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+EXPERIMENT = "medspark-bench-time-to-accuracy"
+
+
+# ---------------------------------------------------------------- one (recipe, seed): runs in its own process
+
+def train_one(name: str, seed: int, overrides: list[str], budget_minutes: float, negative: str | None,
+              out: Path, data_seed: int = 42) -> dict:
+    """Train one recipe through the real pipeline, predicting the test split after every epoch. `seed` varies the
+    weights and the batches; the split stays the same for every recipe and seed (`data_seed`)."""
+    from medspark import pipeline, tracking
+    from medspark.backends import keras_fit
+    from medspark.backends.api import TrainJob
+    from medspark.cli import import_tensorflow
+    from medspark.config import compose_project_config
+    from medspark.models import flops_per_image
+
+    overrides = [*overrides, f"seed={seed}", f"split.seed={data_seed}", "tracking.register=never", f"tracking.experiment={EXPERIMENT}",
+                 f"tracking.run_name=tta-{name}-s{seed}"]
+    cfg = compose_project_config(overrides)
+    tags = pipeline.run_tags(cfg, overrides) | {"medspark.bench": "time_to_accuracy", "medspark.recipe": name}
+    with pipeline.data_run(cfg, overrides, run_name=None, tags=tags, app_name=f"bench-tta-{name}") as stage:
+        import mlflow
+
+        stage.stop_spark()
+        import_tensorflow()
+        data = stage.data
+        job = TrainJob.from_config(cfg, data)
+        x_test, y_test = job.arrays("test")
+        curve = _curve_callback(x_test, y_test, data.classes, negative, budget_minutes)
+        bs = job.train.batch_size
+        train_ds = job.dataset("train", True, bs)
+        val_ds = job.dataset("val", False, bs) if data.sizes["val"] else None
+        result = keras_fit.fit(job, train_ds, val_ds, batch_size=bs, extra_callbacks=(curve,))
+        rows = curve.rows
+        final = _scores(np.asarray(result.model.predict(x_test, batch_size=128, verbose=0)), y_test, data.classes,
+                        negative)  # the weights fit() kept (early stopping restores the best)
+        summary = {"recipe": name, "seed": seed, "overrides": overrides, "run_id": stage.run.info.run_id,
+                   "flops_per_image": flops_per_image(result.model), "params": int(result.model.count_params()),
+                   "image_size": int(data.shape[0]), "train_images": int(data.sizes["train"]),
+                   "test_images": int(len(y_test)), "curve": rows, "final": final,
+                   "train_minutes": rows[-1]["minutes"] if rows else 0.0}
+        mlflow.log_metrics({"flops_per_image": summary["flops_per_image"], "params": summary["params"],
+                            **{f"final_{k}": v for k, v in final.items() if isinstance(v, float)}})
+        mlflow.log_dict(summary, "time_to_accuracy.json")
+        tracking.log_training(result)
+    out.write_text(json.dumps(summary))
+    return summary
+
+
+def _scores(probs: np.ndarray, y: np.ndarray, classes, negative: str | None) -> dict:
+    pred = probs.argmax(1)
+    out = {"test_accuracy": float((pred == y).mean())}
+    for i, c in enumerate(classes):
+        sel = y == i
+        out[f"recall_{c}"] = float((pred[sel] == i).mean()) if sel.any() else float("nan")
+    if negative in classes:
+        n = list(classes).index(negative)
+        sick = y != n
+        out["lesion_sensitivity"] = float((pred[sick] != n).mean()) if sick.any() else float("nan")
+    return out
+
+
+def _curve_callback(x_test, y_test, classes, negative, budget_minutes: float):
+    """Keras callback: test scores after every epoch against training minutes (its own time excluded); stops training
+    once the budget is spent."""
+    import keras
+    import mlflow
+
+    class Curve(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.rows, self.train_seconds = [], 0.0
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self.t0 = time.perf_counter()
+
+        def on_epoch_end(self, epoch, logs=None):
+            self.train_seconds += time.perf_counter() - self.t0
+            probs = np.asarray(self.model.predict(x_test, batch_size=128, verbose=0))
+            row = {"epoch": epoch + 1, "minutes": self.train_seconds / 60, **_scores(probs, y_test, classes, negative),
+                   "val_accuracy": float((logs or {}).get("val_accuracy", float("nan")))}
+            self.rows.append(row)
+            mlflow.log_metrics({f"curve_{k}": float(v) for k, v in row.items() if k != "epoch"}, step=epoch + 1)
+            print(f"[time-to-accuracy] epoch {row['epoch']}: {row['minutes']:.2f} min, test accuracy "
+                  f"{row['test_accuracy']:.4f}", flush=True)
+            if self.train_seconds >= budget_minutes * 60:
+                self.model.stop_training = True
+
+    return Curve()
+
+
+# ---------------------------------------------------------------- the comparison
+
+def minutes_to(rows: list[dict], target: float) -> float:
+    """Training minutes at the first epoch whose test accuracy reaches target (NaN: never)."""
+    return next((r["minutes"] for r in rows if r["test_accuracy"] >= target - 1e-12), float("nan"))
+
+
+def table(results: list[dict]) -> str:
+    """One row per recipe (mean and spread over seeds): final accuracy, minutes, minutes to the reference's final
+    accuracy and the ratio to the reference, FLOPs, parameters, per-class recall, lesion sensitivity."""
+    by: dict[str, list[dict]] = {}
+    for r in results:
+        by.setdefault(r["recipe"], []).append(r)
+    ref_name = results[0]["recipe"]
+    ref_acc = float(np.mean([r["final"]["test_accuracy"] for r in by[ref_name]]))
+    ref_min = float(np.mean([minutes_to(r["curve"], ref_acc) for r in by[ref_name]]))
+    classes = [k[len("recall_"):] for k in results[0]["final"] if k.startswith("recall_")]
+    head = ["recipe", "seeds", "test accuracy", "best epoch acc", "train min", f"min to {ref_acc:.3f}",
+            "time ratio", "MFLOPs/img", "params", *[f"recall {c}" for c in classes], "lesion sens."]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, rs in by.items():
+        acc = [r["final"]["test_accuracy"] for r in rs]
+        reach = [minutes_to(r["curve"], ref_acc) for r in rs]
+        m = float(np.mean(reach))
+        cells = [name, str(len(rs)), _pm(acc), _pm([max(x["test_accuracy"] for x in r["curve"]) for r in rs]),
+                 _pm([r["train_minutes"] for r in rs], "{:.1f}"), _pm(reach, "{:.1f}"),
+                 "-" if np.isnan(m) or np.isnan(ref_min) else f"{m / ref_min:.2f}",
+                 f"{rs[0]['flops_per_image'] / 1e6:.0f}", f"{rs[0]['params']:,}",
+                 *[_pm([r["final"][f"recall_{c}"] for r in rs]) for c in classes],
+                 _pm([r["final"].get("lesion_sensitivity", float("nan")) for r in rs])]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _pm(values, fmt: str = "{:.3f}") -> str:
+    v = np.asarray(values, dtype=float)
+    if np.isnan(v).all():
+        return "-"
+    return fmt.format(np.nanmean(v)) + (f" ± {fmt.format(np.nanstd(v))}" if len(v) > 1 else "")
+
+
+def plot(results: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    colors = {}
+    for r in results:
+        c = colors.setdefault(r["recipe"], f"C{len(colors)}")
+        ax.plot([x["minutes"] for x in r["curve"]], [x["test_accuracy"] for x in r["curve"]], "-o", ms=2.5, color=c,
+                label=r["recipe"] if sum(1 for q in results if q["recipe"] == r["recipe"]) == 1 or r["seed"] ==
+                min(q["seed"] for q in results if q["recipe"] == r["recipe"]) else None)
+    ax.set_xlabel("training minutes")
+    ax.set_ylabel("test accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    common = argv[argv.index("--") + 1:] if "--" in argv else []
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--recipe", action="append", default=[], metavar="NAME=OVERRIDES",
+                    help="a named recipe: Hydra overrides in one string; the first is the reference")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[42])
+    ap.add_argument("--data-seed", type=int, default=42, help="split.seed of every run: one test split for all")
+    ap.add_argument("--budget-minutes", type=float, default=30.0, help="training minutes after which a run stops")
+    ap.add_argument("--negative", default="notumor", help="the 'no lesion' class (lesion sensitivity); none: off")
+    ap.add_argument("--uri", default=f"sqlite:///{ROOT}/mlruns.db")
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    ap.add_argument("--save", action="store_true", help="also write the table and plot to --out")
+    ap.add_argument("--one", nargs=3, metavar=("NAME", "SEED", "JSON"), help=argparse.SUPPRESS)
+    args = ap.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
+    negative = None if args.negative == "none" else args.negative
+    if args.one:
+        name, seed, out = args.one
+        train_one(name, int(seed), [f"tracking.uri={args.uri}", *common], args.budget_minutes, negative, Path(out),
+                  args.data_seed)
+        return
+    recipes = [r.split("=", 1) if "=" in r else (r, "") for r in args.recipe] or [("current", "")]
+    import tempfile
+
+    results, failed = [], []
+    with tempfile.TemporaryDirectory(prefix="medspark-tta-") as tmp:
+        for name, over in recipes:
+            for seed in args.seeds:
+                out = Path(tmp) / f"{name}-{seed}.json"
+                cmd = [sys.executable, __file__, "--one", name, str(seed), str(out), "--uri", args.uri,
+                       "--budget-minutes", str(args.budget_minutes), "--negative", args.negative,
+                       "--data-seed", str(args.data_seed),
+                       "--", *over.split(), *common]
+                print(f"\n### {name} seed {seed}: {' '.join(over.split() + common)}", flush=True)
+                t = time.perf_counter()
+                if subprocess.run(cmd, cwd=ROOT).returncode or not out.exists():
+                    failed.append(f"{name}/{seed}")
+                    continue
+                results.append(json.loads(out.read_text()))
+                print(f"### {name} seed {seed}: {time.perf_counter() - t:.0f} s wall", flush=True)
+        if not results:
+            sys.exit(f"every run failed: {', '.join(failed)}")
+        md = table(results)
+        print("\n" + md)
+        files = Path(tmp) / "time_to_accuracy.md", Path(tmp) / "time_to_accuracy.png"
+        files[0].write_text(md)
+        plot(results, files[1])
+        import mlflow
+
+        mlflow.set_tracking_uri(args.uri)
+        mlflow.set_experiment(EXPERIMENT)
+        with mlflow.start_run(run_name="bench-time-to-accuracy-summary", tags={"medspark.bench": "summary"}):
+            mlflow.log_params({"recipes": " | ".join(f"{n}: {o}" for n, o in recipes)[:6000],
+                               "seeds": " ".join(map(str, args.seeds)), "budget_minutes": args.budget_minutes,
+                               "common_overrides": " ".join(common)[:6000]})
+            for f in files:
+                mlflow.log_artifact(str(f))
+            mlflow.log_dict(results, "time_to_accuracy.json")
+        if args.save:
+            args.out.mkdir(parents=True, exist_ok=True)
+            for f in files:
+                (args.out / f.name).write_bytes(f.read_bytes())
+            (args.out / "time_to_accuracy.json").write_text(json.dumps(results, indent=1))
+    if failed:
+        sys.exit(f"failed runs: {', '.join(failed)}")
+
+
+if __name__ == "__main__":
+    main()
