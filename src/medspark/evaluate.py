@@ -676,4 +676,7 @@ def evaluate_split(model, data, out_dir, history=None, options: Mapping | None =
     from .evaluate_sources import log_source_metrics  # test metrics per source of a merged dataset
 
     metrics.update(log_source_metrics(data, y, p))
+    from .evaluate_volumes import log_volume_metrics  # files of several rows (DICOM frames, NIfTI slices)
+
+    metrics.update(log_volume_metrics(data, y, p, (options or {}).get("volume_aggregation", "mean")))
     return metrics, ({"thresholds": thresholds} if thresholds is not None else {})
