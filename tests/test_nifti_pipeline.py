@@ -17,7 +17,7 @@ SPLIT = {"val": 0.25, "test": 0.25, "seed": 0}
 
 
 def test_volumes_from_class_folders_and_from_a_csv_with_patients(tmp_path):
-    root = nifti_set(tmp_path / "set", volumes=3, slices=2, size=24)
+    root = nifti_set(tmp_path / "set", volumes=3, slices=2, size=32)
     (root / "glioma" / "readme.txt").write_text("not a volume")
     listing = Nifti(str(root)).list()
     assert listing.classes == ["glioma", "notumor"] and len(listing.records) == 6

@@ -7,7 +7,7 @@ AccessionNumber, StudyInstanceUID, ...: every file of the study gets the row's l
 the driver and never written: a CSV row whose key matches no file is rejected as "<csv>:row N" without its value.
 
 Headers (never pixels) are read on the driver, `threads` at a time (data/dicom.read_tags); a file that is not
-DICOM is rejected here with the reason, so the listing accounts for every file. Pixels are decoded on the
+DICOM (from its first bytes) is rejected here with the reason, so the listing accounts for every file. Pixels are decoded on the
 executors (data/preprocess.decode_frames): a multi-frame file gives the frames preprocess selects, one row each.
 """
 from __future__ import annotations
@@ -26,6 +26,7 @@ from .class_folders import ClassFolders
 from .label_csv import LabelCsv, _column, _existing
 
 log = logging.getLogger(__name__)
+HEAD = 4096  # bytes read to tell a DICOM file from anything else
 
 
 class Dicom:
@@ -80,16 +81,21 @@ class Dicom:
         return Listing(records, base.classes, False, base.ignored, base.task, rejected)
 
     def _headers(self, files: list[str], keywords: list[str]):
-        """path -> {keyword: value} for the DICOM files among `files`, and path -> reason for the others."""
-        from ..dicom import read_tags
+        """path -> {keyword: value} for the DICOM files among `files`, and path -> reason for the others (judged from
+        their first bytes: data/dicom.is_dicom, or a data set without preamble: is_bare_dataset)."""
+        from ..dicom import is_bare_dataset, is_dicom, read_tags
 
         def one(path):
             if is_system_file(path):  # rejected later with the usual reason
                 return path, {}, None
             try:
-                return path, read_tags(path, keywords), None
-            except Exception as e:  # not DICOM, unreadable, truncated header: this file only
-                return path, None, f"not a readable DICOM file: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+                with open(path, "rb") as f:
+                    head = f.read(HEAD)
+            except OSError as e:
+                return path, None, f"unreadable: {e.strerror or type(e).__name__}"
+            if not (is_dicom(head) or is_bare_dataset(head)):
+                return path, None, "not a DICOM file (no 'DICM' marker after the preamble, nor a bare data set)"
+            return path, read_tags(path, keywords), None
 
         headers, refused = {}, {}
         with ThreadPoolExecutor(self.threads) as pool:
