@@ -129,7 +129,7 @@ def test_content_hash_ignores_names(tmp_path):
 
 @pytest.mark.parametrize("kw, key", [({"image_size": 0}, "image_size"), ({"channels": 2}, "channels"),
                                      ({"resize": "crop"}, "resize"), ({"denoise": "nlm"}, "denoise"),
-                                     ({"max_aspect": 0.5}, "max_aspect"), ({"multi_frame": "all"}, "multi_frame"),
+                                     ({"max_aspect": 0.5}, "max_aspect"), ({"multi_frame": "every"}, "multi_frame"),
                                      ({"max_decoded_mb": 0}, "max_decoded_mb"),
                                      ({"max_file_mb": "big"}, "max_file_mb")])
 def test_bad_settings_name_the_key(kw, key):

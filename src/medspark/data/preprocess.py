@@ -22,7 +22,9 @@ SYSTEM_FILES = {".ds_store", "thumbs.db", "desktop.ini", "._.ds_store", "ehthumb
                 "icon\r"}  # OS litter found in real folders (macOS, Windows Explorer, KDE)
 RESIZE_MODES = ("stretch", "pad")
 DENOISE_MODES = ("none", "median", "gaussian")
-MULTI_FRAME = ("reject", "first")
+MULTI_FRAME = ("reject", "first", "middle", "all")  # middle/all: DICOM frames; a GIF/TIFF's pages -> first
+SLICE_MODES = ("all", "central", "foreground")  # NIfTI: which 2D slices of a volume become images
+WINDOW_PRESETS = ("brain", "subdural", "stroke", "lung", "mediastinum", "bone", "abdomen", "liver")  # dicom.PRESETS
 MB = 1_000_000  # the *_mb settings count decimal megabytes, as serving's limits do
 
 
@@ -40,9 +42,16 @@ class PreprocessConfig:
     min_side: int = 16  # smaller images carry no usable anatomy: rejected, not upsampled
     max_pixels: int = 100_000_000  # declared sizes above this are rejected (decompression bombs)
     max_aspect: float = 10  # longer side / shorter side above this is rejected: a sliver pads to a black square
-    multi_frame: str = "reject"  # reject | first: animated GIF, multi-page TIFF (which page is the scan?)
+    multi_frame: str = "reject"  # reject | first | middle | all: DICOM frames (GIF/TIFF pages: not reject = first)
     max_decoded_mb: float = 128  # declared pixels x bytes per pixel above this is rejected before decoding
     max_file_mb: float = 128  # bigger files are rejected from their size, before a byte is read
+    window: object = None  # DICOM VOI: None (the file's window, else percentiles) | [center, width] | a preset name
+    percentiles: tuple = (0.5, 99.5)  # the percentile window (DICOM without a window; every NIfTI volume)
+    pixel_spacing_mm: float | None = None  # DICOM: resample to this mm/pixel (PixelSpacing) before the resize
+    slice_axis: int = 2  # NIfTI: slices along this axis of the canonical (RAS) volume; 2 = axial
+    slices: str = "all"  # NIfTI: all | central (the num_slices central ones) | foreground (see min_foreground)
+    num_slices: int = 8  # NIfTI slices=central: how many central slices
+    min_foreground: float = 0.1  # NIfTI slices=foreground: fraction of pixels above the volume's low percentile
 
     def __post_init__(self):
         problems = []
@@ -63,8 +72,35 @@ class PreprocessConfig:
         for key in ("max_decoded_mb", "max_file_mb"):
             if not _number(getattr(self, key)) or getattr(self, key) <= 0:
                 problems.append(f"preprocess.{key}={getattr(self, key)!r} must be a positive number of MB")
+        problems += self._medical_problems()
         if problems:
             raise ValueError("; ".join(problems))
+
+    def _medical_problems(self) -> list[str]:
+        """The DICOM/NIfTI settings' problems, one line each (window, percentiles, spacing, slices)."""
+        problems = []
+        w = self.window
+        if w is not None and not (isinstance(w, str) and w.lower() in WINDOW_PRESETS) and not (
+                isinstance(w, (list, tuple)) and len(w) == 2 and all(_number(x) for x in w) and w[1] >= 1):
+            problems.append(f"preprocess.window={w!r} must be null (the file's own window), [center, width] with "
+                            f"width >= 1, or a preset: {', '.join(WINDOW_PRESETS)}")
+        p = self.percentiles
+        if not (isinstance(p, (list, tuple)) and len(p) == 2 and all(_number(x) for x in p)
+                and 0 <= p[0] < p[1] <= 100):
+            problems.append(f"preprocess.percentiles={p!r} must be [low, high] with 0 <= low < high <= 100")
+        s = self.pixel_spacing_mm
+        if s is not None and (not _number(s) or not 0.01 <= s <= 100):
+            problems.append(f"preprocess.pixel_spacing_mm={s!r} must be null (keep each file's pixel size) or a "
+                            f"number of mm per pixel in 0.01..100")
+        if self.slice_axis not in (0, 1, 2) or isinstance(self.slice_axis, bool):
+            problems.append(f"preprocess.slice_axis={self.slice_axis!r} must be 0, 1 or 2 (2 = axial)")
+        if self.slices not in SLICE_MODES:
+            problems.append(f"preprocess.slices={self.slices!r} must be one of {', '.join(SLICE_MODES)}")
+        if not isinstance(self.num_slices, int) or isinstance(self.num_slices, bool) or self.num_slices < 1:
+            problems.append(f"preprocess.num_slices={self.num_slices!r} must be an integer >= 1")
+        if not _number(self.min_foreground) or not 0 <= self.min_foreground < 1:
+            problems.append(f"preprocess.min_foreground={self.min_foreground!r} must be a fraction in [0, 1)")
+        return problems
 
     @classmethod
     def from_mapping(cls, m) -> "PreprocessConfig":
@@ -72,7 +108,11 @@ class PreprocessConfig:
         unknown = set(m) - names
         if unknown:
             raise ValueError(f"unknown preprocess option(s) {sorted(unknown)}; valid: {sorted(names)}")
-        return cls(**{k: m[k] for k in m})
+        values = {k: m[k] for k in m}
+        for key in ("window", "percentiles"):  # lists from YAML/OmegaConf -> hashable tuples (frozen config)
+            if not isinstance(values.get(key), (str, type(None))) and hasattr(values[key], "__len__"):
+                values[key] = tuple(values[key])
+        return cls(**values)
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -163,8 +203,11 @@ def _flatten_alpha(img: Image.Image) -> Image.Image:
 def decode(data: bytes, cfg: PreprocessConfig) -> np.ndarray:
     """Image file bytes (any format PIL reads, whatever the file's extension) -> uint8 (H, W, C). The header is
     judged before any pixel is decoded (sizes, aspect, frames, decoded memory); a JPEG that the decoder finished
-    before the end of its data is rejected after decoding (see _JpegFence)."""
+    before the end of its data is rejected after decoding (see _JpegFence). DICOM and NIfTI bytes give the first
+    image of decode_frames (serving: one image in, one prediction out)."""
     _check_size(len(data), cfg.max_file_mb)
+    if is_medical(data):
+        return decode_frames(data, cfg)[0][1]
     fence = _JpegFence.of(data)
     try:
         with warnings.catch_warnings():
@@ -193,9 +236,20 @@ def decode(data: bytes, cfg: PreprocessConfig) -> np.ndarray:
         raise Rejected(_bomb_reason(e, cfg)) from None
     except (OSError, ValueError, SyntaxError, EOFError) as e:  # PIL's ways of saying 'corrupt'
         raise Rejected(f"corrupt or truncated: {e}") from None
+    return finish(img, cfg)
+
+
+def finish(img: Image.Image, cfg: PreprocessConfig, keep_scale: bool = False) -> np.ndarray:
+    """A decoded image (any mode) -> uint8 (H, W, C): channels, resize or pad to the square, denoise. The one last
+    step of every format (PIL images, DICOM frames, NIfTI slices). keep_scale (images resampled to
+    preprocess.pixel_spacing_mm): centred crop or black padding to the square, never scaled, so that a pixel stays
+    pixel_spacing_mm wide and the field of view is image_size x pixel_spacing_mm."""
     img = _to_mode(img, cfg.channels)
     size = (cfg.image_size, cfg.image_size)
-    if cfg.resize == "pad":
+    if keep_scale:
+        left, top = (img.size[0] - size[0]) // 2, (img.size[1] - size[1]) // 2
+        img = img.crop((left, top, left + size[0], top + size[1]))  # outside the image: black
+    elif cfg.resize == "pad":
         img = ImageOps.pad(img, size, method=Image.BILINEAR, color=0)
     elif img.size != size:
         img = img.resize(size, Image.BILINEAR)
@@ -208,7 +262,15 @@ def decode(data: bytes, cfg: PreprocessConfig) -> np.ndarray:
 
 def _check_header(img: Image.Image, cfg: PreprocessConfig) -> None:
     """What the header alone tells: declared size, aspect ratio, frames."""
-    w, h = img.size
+    check_dims(*img.size, cfg)
+    # MPO (camera JPEGs carrying a preview or a second view) is not a series: its first image is the photo
+    if cfg.multi_frame == "reject" and img.format != "MPO" and getattr(img, "n_frames", 1) > 1:
+        raise Rejected(f"multi-frame file ({img.n_frames} frames: animation or pages), not one image; "
+                       f"preprocess.multi_frame=first would use its first frame")
+
+
+def check_dims(w: int, h: int, cfg: PreprocessConfig) -> None:
+    """Declared width x height against max_pixels, min_side and max_aspect (every format, before decoding)."""
     if w * h > cfg.max_pixels:
         raise Rejected(f"too large: declared {w}x{h} exceeds preprocess.max_pixels={cfg.max_pixels}")
     if min(w, h) < cfg.min_side:
@@ -216,10 +278,6 @@ def _check_header(img: Image.Image, cfg: PreprocessConfig) -> None:
     if max(w, h) > cfg.max_aspect * min(w, h):
         raise Rejected(f"extreme aspect ratio: {w}x{h} ({max(w, h) / min(w, h):.0f}:1), over "
                        f"preprocess.max_aspect={cfg.max_aspect}")
-    # MPO (camera JPEGs carrying a preview or a second view) is not a series: its first image is the photo
-    if cfg.multi_frame == "reject" and img.format != "MPO" and getattr(img, "n_frames", 1) > 1:
-        raise Rejected(f"multi-frame file ({img.n_frames} frames: animation or pages), not one image; "
-                       f"preprocess.multi_frame=first would use its first frame")
 
 
 def bytes_per_pixel(mode: str) -> int:
@@ -289,6 +347,75 @@ def _bomb_reason(e: Exception, cfg: PreprocessConfig) -> str:
             f"(PIL.Image.MAX_IMAGE_PIXELS x 2; preprocess.max_pixels={cfg.max_pixels} cannot raise it)")
 
 
+def decode_frames(data: bytes, cfg: PreprocessConfig) -> list[tuple[int, np.ndarray]]:
+    """One file's bytes -> its training images [(frame, uint8 (H, W, C))]: frame 0 for a 2D image (PIL path,
+    `decode`), the frame index of a multi-frame DICOM (cfg.multi_frame: first | middle | all), the slice index of
+    a NIfTI volume (cfg.slices ...). Format sniffed from the bytes (DICOM: 'DICM' at 128, or a bare data set
+    without preamble/file meta; NIfTI-1/2 headers, gzip-compressed .nii.gz), never from the file name.
+    Raises Rejected(reason)."""
+    _check_size(len(data), cfg.max_file_mb)
+    from medspark.data import dicom, nifti  # lazy: they import this module; pydicom/nibabel load only when used
+
+    try:
+        if nifti.is_nifti(data):
+            found = nifti.slices(data, cfg)
+        elif dicom.is_dicom(data) or dicom.is_bare_dataset(data):
+            found = dicom.frames(data, cfg)
+        else:
+            return [(0, decode(data, cfg))]
+    except ImportError as e:  # an environment built without the medical extras (a served model's, say)
+        raise Rejected(f"a DICOM/NIfTI file, but {e.name or 'its reader'} is not installed here (requirements.txt "
+                       f"pins pydicom, the pylibjpeg plugins and nibabel)") from None
+    scaled = cfg.pixel_spacing_mm is not None
+    return [(i, finish(resample(Image.fromarray(a), spacing, cfg), cfg, keep_scale=scaled)) for i, a, spacing in found]
+
+
+def percentile_window(values: list[np.ndarray], percentiles) -> tuple[float, float]:
+    """The (low, high) percentiles of all the given arrays' values together (one window for a file's frames or a
+    volume's slices, so that they stay comparable)."""
+    flat = np.concatenate([np.ravel(v) for v in values]) if len(values) > 1 else np.ravel(values[0])
+    lo, hi = np.percentile(flat, [float(percentiles[0]), float(percentiles[1])])
+    return float(lo), float(hi)
+
+
+def scale(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """Linear map of [lo, hi] to 0..255 as uint8, clipped; a flat image (hi <= lo) is black."""
+    if hi <= lo:
+        return np.zeros(np.shape(values), dtype=np.uint8)
+    return to_uint8((np.asarray(values, dtype=np.float64) - lo) * (255.0 / (hi - lo)))
+
+
+def to_uint8(values: np.ndarray) -> np.ndarray:
+    """Values already on the 0..255 scale -> uint8, rounded to nearest and clipped."""
+    return np.clip(np.rint(values), 0, 255).astype(np.uint8)
+
+
+def is_medical(data: bytes) -> bool:
+    """DICOM or NIfTI bytes (see decode_frames), judged from the content."""
+    from medspark.data import dicom, nifti
+
+    return dicom.is_dicom(data) or nifti.is_nifti(data) or dicom.is_bare_dataset(data)
+
+
+def resample(img: Image.Image, spacing: tuple[float, float] | None, cfg: PreprocessConfig) -> Image.Image:
+    """Resize to preprocess.pixel_spacing_mm per pixel from the (row, column) spacing in mm; unchanged when either
+    is None. The resampled size answers to preprocess.max_pixels like a declared one (10 mm pixels at 0.1 mm)."""
+    target = cfg.pixel_spacing_mm
+    if spacing is None or target is None:
+        return img
+    w, h = img.size
+    size = (max(1, round(w * spacing[1] / target)), max(1, round(h * spacing[0] / target)))
+    if size[0] * size[1] > cfg.max_pixels:
+        raise Rejected(f"too large once resampled: {w}x{h} at {spacing[1]}x{spacing[0]} mm is {size[0]}x{size[1]} at "
+                       f"preprocess.pixel_spacing_mm={target}, over preprocess.max_pixels={cfg.max_pixels}")
+    return img if size == img.size else img.resize(size, Image.BILINEAR)
+
+
 def load(path: str, cfg: PreprocessConfig) -> np.ndarray:
     """read_bytes + decode: the whole per-file transform."""
     return decode(read_bytes(path, cfg.max_file_mb), cfg)
+
+
+def load_frames(path: str, cfg: PreprocessConfig) -> list[tuple[int, np.ndarray]]:
+    """read_bytes + decode_frames: the whole per-file transform of every format."""
+    return decode_frames(read_bytes(path, cfg.max_file_mb), cfg)
