@@ -95,3 +95,17 @@ def test_a_dicom_set_of_hospital_encodings_trains_above_chance(spark, tmp_path):
     run = mlflow.search_runs(experiment_names=[cfg.tracking.experiment], output_format="list")[0]
     assert run.data.metrics["data_accepted"] == 120 and run.data.metrics["data_rejected"] == 0
     assert accuracy >= 0.75, f"2 classes (chance 0.5), test accuracy {accuracy}"
+    # the packaged classifier takes DICOM bytes (serving.check_dicom, then decode: the same pixels as training)
+    import json
+
+    import pandas as pd
+
+    summary = json.loads(mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/summary.json"))
+    clf = mlflow.pyfunc.load_model(summary["classifier_uri"])
+    files = sorted(root.rglob("*.dcm"))[::20] + [root / "glioma" / "notes.txt"]
+    (root / "glioma" / "notes.txt").write_text("not an image")
+    out = clf.predict(pd.DataFrame({"image": [f.read_bytes() for f in files]}))
+    assert out["error"].iloc[:-1].isna().all() and out["predicted_class"].iloc[:-1].notna().all(), out
+    assert "not an image" in out["error"].iloc[-1]
+    expected = ["glioma" if "/glioma/" in str(f) else "notumor" for f in files[:-1]]
+    assert (out["predicted_class"].iloc[:-1] == expected).mean() >= 0.6
