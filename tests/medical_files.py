@@ -114,7 +114,7 @@ def dicom_set(root, classes=("glioma", "notumor"), per_class: int = 30, size: in
             tags = dict(FAKE_PHI) if phi else {"PatientName": f"Anon^{patient}", "PatientID": "P",
                                                  "AccessionNumber": "A"}
             pid, name = f"{tags.pop('PatientID')}-{patient}", tags.pop("PatientName")
-            tags["AccessionNumber"] = f"{tags['AccessionNumber']}-{patient}"
+            tags["AccessionNumber"] = f"{tags['AccessionNumber']}-{c[0]}{i // per_patient}"  # VR SH: 16 characters
             if i % per_patient == 0:
                 rows.append((tags["AccessionNumber"], c))
             write_dicom(root / c / f"pt{i // per_patient:03d}" / f"im{n:05d}.dcm", img, patient_id=pid,

@@ -193,11 +193,11 @@ def check_image(data: bytes, limits: ServingLimits) -> None:
 
 
 def check_dicom(data: bytes, limits: ServingLimits) -> None:
-    """A DICOM file's declared size (all frames) within the limits, from its header (no pixel data read); `decode`
+    """A DICOM file's declared size (all frames) within the limits, from its header (no pixel decoded); `decode`
     then gives the frame preprocess.multi_frame selects (first or middle; `all`: the first)."""
     from .data import dicom
 
-    ds = dicom.read(data, pixels=False)
+    ds = dicom.read(data)  # pixel data kept as bytes (the request limit bounds them), not decoded
     w, h = int(ds.get("Columns") or 0), int(ds.get("Rows") or 0)
     frames, samples = int(ds.get("NumberOfFrames") or 1), int(ds.get("SamplesPerPixel") or 1)
     if w * h > limits.max_pixels:
