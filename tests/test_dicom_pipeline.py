@@ -88,12 +88,14 @@ def test_a_dicom_set_of_hospital_encodings_trains_above_chance(spark, tmp_path):
     from medspark.train import train
 
     root = dicom_set(tmp_path / "set", classes=("glioma", "notumor"), per_class=60, size=48, per_patient=2)
+    cine = write_dicom(root / "glioma" / "cine" / "multi.dcm", np.stack(phantoms(("glioma",), 3, 48, seed=9)["glioma"]))
     cfg = make_cfg(tmp_path, ["dataset=dicom", f"dataset.root={root}", "preprocess.image_size=48", "train.epochs=10",
+                              "preprocess.multi_frame=middle",
                               "train.batch_size=16", "train.early_stopping.patience=0", "+model.bn_momentum=0.5",
                               "tracking.registered_model=null"])  # 60 steps: BN statistics must settle fast
     accuracy = train(cfg, spark=spark)
     run = mlflow.search_runs(experiment_names=[cfg.tracking.experiment], output_format="list")[0]
-    assert run.data.metrics["data_accepted"] == 120 and run.data.metrics["data_rejected"] == 0
+    assert run.data.metrics["data_accepted"] == 121 and run.data.metrics["data_rejected"] == 0
     assert accuracy >= 0.75, f"2 classes (chance 0.5), test accuracy {accuracy}"
     # the packaged classifier takes DICOM bytes (serving.check_dicom, then decode: the same pixels as training)
     import json
@@ -109,3 +111,9 @@ def test_a_dicom_set_of_hospital_encodings_trains_above_chance(spark, tmp_path):
     assert "not an image" in out["error"].iloc[-1]
     expected = ["glioma" if "/glioma/" in str(f) else "notumor" for f in files[:-1]]
     assert (out["predicted_class"].iloc[:-1] == expected).mean() >= 0.6
+    from medspark.predict import predict_local  # `medspark predict` on files: which frame each prediction is for
+
+    single = next(f for f in files if f != cine)
+    table = predict_local(clf, [str(cine), str(single), str(files[-1])])
+    assert list(table.columns[:2]) == ["path", "frame"] and table["frame"].tolist()[:2] == [1, 0], table
+    assert table["frame"].isna().tolist()[2] and table["predicted_class"].tolist()[0] is not None

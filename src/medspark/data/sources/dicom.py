@@ -7,8 +7,9 @@ AccessionNumber, StudyInstanceUID, ...: every file of the study gets the row's l
 the driver and never written: a CSV row whose key matches no file is rejected as "<csv>:row N" without its value.
 
 Headers (never pixels) are read on the driver, `threads` at a time (data/dicom.read_tags); a file that is not
-DICOM (from its first bytes) is rejected here with the reason, so the listing accounts for every file. Pixels are decoded on the
-executors (data/preprocess.decode_frames): a multi-frame file gives the frames preprocess selects, one row each.
+DICOM (from its first bytes) is rejected here with the reason, so the listing accounts for every file. Pixels are
+decoded on the executors (data/preprocess.decode_frames): a multi-frame file gives the frames preprocess selects,
+one row each.
 """
 from __future__ import annotations
 
@@ -144,7 +145,8 @@ class Dicom:
             classes = list(self.classes)
         if len(classes) < 2:
             raise DatasetError(f"{table.name} gives {len(classes)} class(es) {classes} for the files under "
-                               f"dataset.root; check dataset.labels_csv, dataset.key={self.key} and dataset.label_column")
+                               f"dataset.root; check dataset.labels_csv, dataset.key={self.key} and "
+                               f"dataset.label_column")
         index = {c: i for i, c in enumerate(classes)}
         records = []
         for path in files:

@@ -1,4 +1,4 @@
-"""NIfTI volumes (dataset=nifti): `.nii` / `.nii.gz` files under class folders, or named by a CSV `volume,label[,patient]`.
+"""NIfTI volumes (dataset=nifti): `.nii` / `.nii.gz` under class folders, or named by a CSV `volume,label[,patient]`.
 
 One label per volume. The layouts are class_folders.ClassFolders' (root/<class>/**/<volume>, patients from
 `patient_pattern` over file names) and label_csv.LabelCsv's (the CSV names each volume relative to root; its
