@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/preprocess.py                 # brain MRI Training (5,712) + synthetic 50,000
     .venv/bin/python benchmarks/preprocess.py --synthetic 20000 --growth 1000 5000 20000 --cores 1 2
+    .venv/bin/python benchmarks/preprocess.py --brain '' --synthetic 0 --dicom 5000 --cores 1 2   # DICOM only
 
 For each dataset: (a) the sequential baseline, one Python process running the very functions the Spark tasks
 run (`data/tasks.py`: hash_partition, write_chunk; then `materialize._petastorm_metadata`: read, SHA-1, PIL decode + resize,
@@ -17,6 +18,11 @@ executor at once; pixels never reach either). Growth: wall time at several sizes
 with a least-squares line. preprocess.md, preprocess.json and preprocess_growth.png are logged to an MLflow run in
 the experiment `medspark-bench-preprocess`, and written to benchmarks/results/ only with --save-results (or to
 --out; results_folder.py).
+
+--dicom N: also N DICOM files as hospitals store them (tests/medical_files.py: 16-bit stored values with a rescale,
+a third MONOCHROME1, a quarter RLE Lossless; phantom slices of --dicom-size px, generated once under --dicom-root),
+through the same paths (decode_frames: pydicom parse, pixel data, modality LUT, window, resize), with a DICOM
+per-step profile (dicom_profile).
 """
 from __future__ import annotations
 
@@ -130,6 +136,65 @@ def profile(listing, pre, sample: int = 2000) -> dict:
     return {k: 1e6 * v / len(paths) for k, v in out.items()}
 
 
+def dicom_profile(listing, pre, sample: int = 500) -> dict:
+    """Microseconds per DICOM file for each step of its path, on a sample, in this process: read, SHA-1, the
+    header and pixel bytes parsed (pydicom), the pixel data decoded (pixel_array: RLE decompression here), the
+    whole decode_frames (parse + pixels + modality LUT + window + resize; its remainder is the transforms), npy
+    encoding and the Parquet write."""
+    import io
+
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import pydicom
+
+    from medspark.data.preprocess import content_hash, decode_frames, read_bytes
+    from medspark.data.schema import image_schema
+
+    paths = [r.path for r in listing.records[:sample]]
+    field = image_schema(pre.shape, len(listing.classes)).image
+    out, t = {}, time.perf_counter()
+    data = [read_bytes(p) for p in paths]
+    out["read"] = time.perf_counter() - t
+    t = time.perf_counter()
+    for d in data:
+        content_hash(d)
+    out["sha1"] = time.perf_counter() - t
+    t = time.perf_counter()
+    parsed = [pydicom.dcmread(io.BytesIO(d)) for d in data]
+    out["pydicom parse"] = time.perf_counter() - t
+    t = time.perf_counter()
+    for ds in parsed:
+        ds.pixel_array
+    out["pixel data (decompress)"] = time.perf_counter() - t
+    t = time.perf_counter()
+    images = [decode_frames(d, pre)[0][1] for d in data]
+    out["decode_frames (all steps)"] = time.perf_counter() - t
+    out["LUTs + window + resize (difference)"] = (out["decode_frames (all steps)"] - out["pydicom parse"]
+                                                  - out["pixel data (decompress)"])
+    t = time.perf_counter()
+    encoded = [field.codec.encode(field, i) for i in images]
+    out["encode (npy)"] = time.perf_counter() - t
+    t = time.perf_counter()
+    pq.write_table(pa.table({"image": pa.array(encoded, pa.binary()), "label": np.zeros(len(encoded), np.int32)}),
+                   io.BytesIO(), compression="none", row_group_size=500)
+    out["parquet write"] = time.perf_counter() - t
+    return {k: 1e6 * v / len(paths) for k, v in out.items()}
+
+
+def dicom_set(root: str, n: int, size: int) -> str:
+    """n DICOM files (2 classes) under root/n<n>_s<size>, written once (a marker file ends a complete set)."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from medical_files import dicom_set as write_set
+
+    folder = Path(root) / f"n{n}_s{size}"
+    if not (folder / "_COMPLETE").exists():
+        shutil.rmtree(folder, ignore_errors=True)
+        write_set(folder, classes=("glioma", "notumor"), per_class=-(-n // 2), size=size, per_patient=4)
+        (folder / "_COMPLETE").write_text("done\n")
+    return str(folder)
+
+
 def _decode_part(paths, pre, start, out):
     from medspark.data.preprocess import decode, read_bytes
 
@@ -235,7 +300,8 @@ def spark_run(root: str, n: int | None, cores: int, size: int) -> dict:
 
 def rows_for(name: str, seq: dict, spark: dict[int, dict]) -> list[dict]:
     base = seq["images"] / seq["seconds"]
-    rows = [{"dataset": name, "images": seq["images"], "path": "sequential PIL loop", "cores": 1,
+    loop = "sequential pydicom loop" if name.startswith("DICOM") else "sequential PIL loop"
+    rows = [{"dataset": name, "images": seq["images"], "path": loop, "cores": 1,
              "seconds": seq["seconds"], "images/s": base, "speedup": 1.0, "vs local[1]": float("nan"),
              "per-core efficiency": 1.0, "JVM + workers start s": float("nan"), "cold total s": seq["seconds"],
              "driver peak MB": seq.get("driver_peak_mb")}]
@@ -308,6 +374,10 @@ def main(argv=None) -> None:
     ap.add_argument("--synthetic", type=int, default=50_000, help="synthetic images (4 classes); 0 to skip")
     ap.add_argument("--synthetic-root", default=os.path.expanduser("~/.cache/medspark/bench-synthetic"),
                     help="where the synthetic set is generated once and reused")
+    ap.add_argument("--dicom", type=int, default=0, help="DICOM files (2 classes, tests/medical_files.py); 0 to skip")
+    ap.add_argument("--dicom-size", type=int, default=256, help="side of the DICOM files' images (px)")
+    ap.add_argument("--dicom-root", default=os.path.expanduser("~/.cache/medspark/bench-dicom"),
+                    help="where the DICOM set is written once and reused")
     ap.add_argument("--growth", type=int, nargs="*", default=[1000, 5000, 20000, 50000])
     ap.add_argument("--cores", type=int, nargs="+", default=sorted({1, 2, os.cpu_count() or 1}))
     ap.add_argument("--size", type=int, default=128, help="preprocess.image_size")
@@ -330,12 +400,17 @@ def main(argv=None) -> None:
         synthetic.generate(root, per_class=per_class, size=128, seed=0, workers=os.cpu_count() or 1)
         print(f"synthetic set {root}: {time.perf_counter() - t:.0f} s to generate or check", flush=True)
         datasets.append((f"synthetic {4 * per_class:,}", root, None))
+    if args.dicom:
+        t = time.perf_counter()
+        root = dicom_set(args.dicom_root, args.dicom, args.dicom_size)
+        print(f"DICOM set {root}: {time.perf_counter() - t:.0f} s to write or check", flush=True)
+        datasets.append((f"DICOM {2 * -(-args.dicom // 2):,}", root, None))
     rows, growth, profiles, raw = [], [], {}, {}
     for name, root, n in datasets:
         listing = listing_for(root, n)
         print(f"\n## {name}: {len(listing.records)} files; page cache warmed in {warm_page_cache(listing):.1f} s",
               flush=True)
-        profiles[name] = profile(listing, pre)
+        profiles[name] = (dicom_profile if name.startswith("DICOM") else profile)(listing, pre)
         print("profile, us/image: " + ", ".join(f"{k} {v:.0f}" for k, v in profiles[name].items()), flush=True)
         ceiling = {k: process_ceiling(listing, pre, k) for k in args.cores}
         profiles[name]["ceiling_images_per_second"] = ceiling

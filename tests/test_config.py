@@ -17,6 +17,7 @@ from medspark.data.sources import DatasetError, has_test_split, list_dataset
 from medspark.data.sources.class_folders import ClassFolders
 from medspark.spark import master_url
 from conftest import REPO, SHARED, make_cfg
+from medical_files import dicom_set, nifti_set
 
 GROUPS = {g: sorted(p.stem for p in (Path(config_dir()) / g).glob("*.yaml"))
           for g in ("dataset", "model", "backend", "cluster", "experiment")}
@@ -25,6 +26,8 @@ REAL_ROOTS = {"brain_mri": "brain-tumor-mri", "brain_mri_binary": "brain-mri-yes
 SOURCE_ROOTS = {"brain_tumor_binary_merged": {"brain_tumor_mri": "brain-tumor-mri/Training",  # merged: a root each
                                               "brain_mri_yes_no": "brain-mri-yes-no"}}
 SMALL = {"synthetic": ["dataset.generate.per_class=3"], "synthetic_cxr14": ["dataset.generate.patients=40"]}
+WRITTEN = {"dicom": lambda root: dicom_set(root, per_class=4, size=32),  # hospital formats: a tiny set written here
+           "nifti": lambda root: nifti_set(root, volumes=2, slices=2, size=32)}
 
 
 def root_overrides(name: str, base: Path, real: bool) -> list[str]:
@@ -49,6 +52,8 @@ def test_every_dataset_option_lists_images(tmp_path, name):
             if not (SHARED / sub).is_dir():
                 pytest.skip(f"{SHARED / sub} not present")
         overrides += root_overrides(name, SHARED, real=True)
+    if name in WRITTEN:
+        overrides.append(f"dataset.root={WRITTEN[name](tmp_path / name)}")
     cfg = make_cfg(tmp_path, overrides)
     check(cfg)
     listing = list_dataset(cfg.dataset)

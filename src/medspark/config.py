@@ -95,8 +95,10 @@ def check(cfg: DictConfig) -> None:
 def check_evaluate(options) -> None:
     """The `evaluate:` keys, each checked by the part that uses it after training (a typo must not cost a whole
     training run): bootstrap (medspark.uncertainty), operating_point (medspark.operating_points), calibration,
-    temperature and tta (medspark.calibration), gradcam (medspark.explain). ValueError naming the key."""
+    temperature and tta (medspark.calibration), gradcam (medspark.explain), volume_aggregation (medspark.evaluate_volumes).
+    ValueError naming the key."""
     from .calibration import Options
+    from .evaluate_volumes import check_aggregation
     from .explain import options as gradcam_options
     from .operating_points import parse_rule
     from .uncertainty import check_options
@@ -106,6 +108,7 @@ def check_evaluate(options) -> None:
     parse_rule(options.get("operating_point", "auto"))
     Options.from_mapping(options)
     gradcam_options(options)
+    check_aggregation(options.get("volume_aggregation", "mean"))
 
 
 # Where materialized data can live: what Petastorm and Spark both open here. file and hdfs are built in; the

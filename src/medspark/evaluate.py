@@ -735,5 +735,8 @@ def evaluate_split(model, data, out_dir, history=None, options: Mapping | None =
     for f in gradcam_files:
         mlflow.log_artifact(str(f), "evaluation/gradcam")
     metrics.update(log_source_metrics(data, y, p))
+    from .evaluate_volumes import log_volume_metrics  # files of several rows (DICOM frames, NIfTI slices)
+
+    metrics.update(log_volume_metrics(data, y, p, options.get("volume_aggregation", "mean")))
     shipped = {"temperature": cal.temperature, "tta": opts.tta}
     return metrics, ({"thresholds": thresholds, **shipped} if thresholds is not None else shipped)

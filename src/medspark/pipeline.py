@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from . import resume, tracking
 from .config import check, project_root
 from .data import materialize as mat
+from .data import phi
 from .data.preprocess import PreprocessConfig
 from .data.sources import DatasetError, Listing, list_dataset
 from .data.splits import check_listing
@@ -51,6 +52,7 @@ def data_run(cfg: DictConfig, overrides=(), spark=None, *, run_name: str | None,
         resume.end_dead_runs(run.info.run_id)  # RUNNING runs of this experiment whose process was SIGKILLed
         tracking.log_config(cfg, overrides)
         timings = Timings()
+        phi.configure(cfg.get("privacy", {}).get("phi_key"))  # before listing (pseudonyms) and before Spark starts
         with timings("list_seconds"):
             listing = list_dataset(cfg.dataset)
         log.info("listed %d files in %d classes %s", len(listing.records), len(listing.classes), listing.counts())

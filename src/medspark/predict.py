@@ -177,10 +177,11 @@ def model_calls(sizes: list[int], max_images: int, max_bytes: float):
 def predict_contents(model, paths: list[str], contents: list):
     """The caller's side of the classifier, which reads no file (medspark.serving): each file's bytes, or the
     Rejected that reading it raised -> path + predictions. The bytes go in calls within the model's `serving`
-    limits; a file that could not be read keeps its reason in `error`."""
+    limits; a file that could not be read keeps its reason in `error`. With DICOM or NIfTI files among them, a
+    `frame` column after `path` says which frame or slice each prediction is for."""
     import pandas as pd
 
-    from .data.preprocess import MB, Rejected
+    from .data.preprocess import MB, Rejected, is_medical
 
     limits = model.unwrap_python_model().limits
     images = [None if isinstance(c, Rejected) else c for c in contents]
@@ -191,7 +192,26 @@ def predict_contents(model, paths: list[str], contents: list):
         if isinstance(c, Rejected):
             out.at[i, "error"] = str(c)
     out.insert(0, "path", paths)
+    if any(b is not None and is_medical(b) for b in images):  # DICOM/NIfTI: which frame or slice was predicted
+        pre = model.unwrap_python_model().preprocess
+        frames = [None if b is None or not pd.isna(out.at[i, "error"]) else frame_index(b, pre)
+                  for i, b in enumerate(images)]  # None: no prediction
+        out.insert(1, "frame", pd.array(frames, dtype="Int64"))
     return out
+
+
+def frame_index(data: bytes, pre) -> int | None:
+    """The frame (DICOM) or slice (NIfTI) of a file that the classifier predicts, as `decode` picks it (the first
+    that preprocess selects; 0 for a 2D image); None when the file cannot be read."""
+    from .data import dicom
+    from .data.preprocess import Rejected, decode_frames, is_medical
+
+    try:
+        if dicom.is_dicom(data) or dicom.is_bare_dataset(data):  # from the header: no pixel decoded twice
+            return dicom.select_frames(int(dicom.read(data).get("NumberOfFrames") or 1), pre.multi_frame)[0]
+        return decode_frames(data, pre)[0][0] if is_medical(data) else 0
+    except (Rejected, ValueError, TypeError):
+        return None
 
 
 def read_file(path: str):

@@ -110,14 +110,19 @@ def not_registering(tracking) -> str | None:
     return None
 
 
+ANY_FOLDER = ("image_folder", "dicom", "nifti")  # dataset options whose root is any folder of the user's
+
+
 def base_name(cfg) -> str | None:
-    """tracking.registered_model; the default name of `dataset=image_folder` (`medspark-image_folder`, shared by
-    every folder) gets the dataset root's folder name: `medspark-image_folder-<root folder>`."""
+    """tracking.registered_model; the default name of a dataset option that takes any folder (`image_folder`,
+    `dicom`, `nifti`: `medspark-<option>`, shared by every folder) gets the dataset root's folder name:
+    `medspark-image_folder-<root folder>`."""
     name = cfg.tracking.get("registered_model")
     if not name:
         return None
-    root = cfg.dataset.get("root") if cfg.dataset.get("name") == "image_folder" else None
-    if str(name) == "medspark-image_folder" and root:
+    option = cfg.dataset.get("name")
+    root = cfg.dataset.get("root") if option in ANY_FOLDER else None
+    if str(name) == f"medspark-{option}" and root:
         slug = re.sub(r"[^a-z0-9]+", "-", os.path.basename(os.path.abspath(str(root))).lower()).strip("-")[:40]
         return f"{name}-{slug}" if slug else str(name)
     return str(name)

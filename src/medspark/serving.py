@@ -184,9 +184,14 @@ def image_bytes(value) -> bytes:
 
 def check_image(data: bytes, limits: ServingLimits) -> None:
     """Rejected unless the bytes are one of FORMATS within the declared-size limits, from the header alone
-    (Pillow reads no pixel before `load()`): no other format's parser runs, nothing big is allocated."""
+    (Pillow reads no pixel before `load()`): no other format's parser runs, nothing big is allocated. A DICOM file
+    (Part 10: 'DICM' after the preamble) is judged from its header by pydicom instead (check_dicom)."""
     from PIL import Image, UnidentifiedImageError
 
+    from .data import dicom
+
+    if dicom.is_dicom(data):
+        return check_dicom(data, limits)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the limits below decide
@@ -210,6 +215,22 @@ def check_image(data: bytes, limits: ServingLimits) -> None:
     mb = w * h * bytes_per_pixel(mode) / MB
     if mb > limits.max_decoded_mb:
         raise Rejected(f"too large: declared {w}x{h} {mode} decodes to {mb:.0f} MB, over "
+                       f"serving.max_decoded_mb={limits.max_decoded_mb}")
+
+
+def check_dicom(data: bytes, limits: ServingLimits) -> None:
+    """A DICOM file's declared size (all frames) within the limits, from its header (no pixel decoded); `decode`
+    then gives the frame preprocess.multi_frame selects (first or middle; `all`: the first)."""
+    from .data import dicom
+
+    ds = dicom.read(data)  # pixel data kept as bytes (the request limit bounds them), not decoded
+    w, h = int(ds.get("Columns") or 0), int(ds.get("Rows") or 0)
+    frames, samples = int(ds.get("NumberOfFrames") or 1), int(ds.get("SamplesPerPixel") or 1)
+    if w * h > limits.max_pixels:
+        raise Rejected(f"too large: declared {w}x{h} exceeds serving.max_pixels={limits.max_pixels}")
+    mb = w * h * frames * samples * -(-int(ds.get("BitsAllocated") or 16) // 8) / MB
+    if mb > limits.max_decoded_mb:
+        raise Rejected(f"too large: declared {w}x{h} DICOM of {frames} frame(s) decodes to {mb:.0f} MB, over "
                        f"serving.max_decoded_mb={limits.max_decoded_mb}")
 
 

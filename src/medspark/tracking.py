@@ -443,6 +443,24 @@ def log_config(cfg, overrides) -> None:
     mlflow.log_param("overrides" if given is None else "hydra_overrides", joined)  # params cannot change
     masked = OmegaConf.create(mask_nested(OmegaConf.to_container(cfg, resolve=True)))
     mlflow.log_text(OmegaConf.to_yaml(masked), "config/resolved.yaml")
+    redact_hydra_output()
+
+
+def redact_hydra_output() -> None:
+    """Hydra writes the job's config and overrides as given to <output folder>/.hydra/*.yaml before medspark runs:
+    a secret passed on the command line (privacy.phi_key=..., a password) is masked there too (mask_text)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        hc = HydraConfig.get()
+        folder = Path(hc.runtime.output_dir) / str(hc.output_subdir)
+    except Exception:  # not in a Hydra job, or no .hydra folder (hydra.output_subdir=null)
+        return
+    for f in folder.glob("*.yaml"):
+        text = f.read_text()
+        masked = mask_text(text)
+        if masked != text:
+            f.write_text(masked)
 
 
 def log_data(data) -> None:

@@ -37,9 +37,11 @@ from .sources import Listing
 from .tasks import hash_partition, row_group_rows, write_chunk  # what the Spark tasks run
 
 log = logging.getLogger(__name__)
-FORMAT_VERSION = 3  # bump when the on-disk layout or schema changes: old folders then stop matching
+FORMAT_VERSION = 4  # bump when the on-disk layout or schema changes: old folders then stop matching
 # v2: rows are written in a seeded random order (v1 kept the listing order: class-sorted row groups).
 # v3: `targets` (one-hot / multi-hot), `patient` and `source` columns; the label of a multilabel row is a bitmask.
+# v4: one row per frame or slice (DICOM multi-frame, NIfTI volumes) with its `frame` index; the preprocess settings
+#     of those formats are part of PreprocessConfig, so of the fingerprint.
 MANIFEST = "_MEDSPARK_DATASET.json"
 REJECTED = "rejected.csv"
 
@@ -50,10 +52,10 @@ class Materialized:
     fingerprint: str
     classes: list[str]  # class names, or the finding names of a multilabel set
     shape: tuple[int, int, int]
-    sizes: dict[str, int]  # accepted images per split
-    per_class: dict[str, dict[str, int]]  # split -> class -> images (multilabel: images positive for the finding)
-    listed: int
-    accepted: int
+    sizes: dict[str, int]  # rows (images: a 2D file, a frame, a slice) per split
+    per_class: dict[str, dict[str, int]]  # split -> class -> rows (multilabel: rows positive for the finding)
+    listed: int  # files
+    accepted: int  # files (listed = accepted + rejected); their rows are `sizes`
     rejected: list[tuple[str, str]]  # (path, reason)
     duplicate_groups: int
     duplicate_files: int
@@ -65,6 +67,7 @@ class Materialized:
     task: str = "multiclass"  # binary | multiclass | multilabel (data/targets.py)
     per_source: dict[str, dict[str, int]] = field(default_factory=dict)  # split -> source -> images (merged sets)
     split_stats: dict[str, float] = field(default_factory=dict)  # patients per split, prevalence gap, ... (splits)
+    volumes: int = 0  # accepted files that gave several rows (multi-frame DICOM, NIfTI volumes): evaluate_volumes.py
 
     @property
     def multilabel(self) -> bool:
@@ -78,7 +81,7 @@ class Materialized:
         out = {"data_listed": self.listed, "data_accepted": self.accepted, "data_rejected": len(self.rejected),
                "data_duplicate_groups": self.duplicate_groups, "data_duplicate_files": self.duplicate_files,
                "data_label_conflicts": self.label_conflicts, "data_moved_to_test": self.moved_to_test,
-               "data_reused": int(self.reused)}
+               "data_reused": int(self.reused), "data_volumes": self.volumes}
         out.update({f"data_n_{s}": n for s, n in self.sizes.items()})
         out.update({f"data_{k}": v for k, v in self.split_stats.items()})
         return out
@@ -206,18 +209,20 @@ def materialize(spark, listing: Listing, pre: PreprocessConfig, split_cfg: dict,
     t = time.perf_counter()
     sizes, per_class, per_source, bad = finish(results, listing.classes, listing.task, pre.shape, fs_factory, base)
     rejected += bad
+    accepted, volumes = sum(r["accepted"] for r in results), sum(r["volumes"] for r in results)
     sc.setJobDescription(None)
     seconds["write"] = time.perf_counter() - t  # Petastorm metadata (the Parquet itself is written above)
 
-    m = Materialized(url, fp, listing.classes, pre.shape, sizes, per_class, n, sum(sizes.values()),
+    m = Materialized(url, fp, listing.classes, pre.shape, sizes, per_class, n, accepted,
                      sorted(rejected), report.duplicate_groups, report.duplicate_files, report.label_conflicts,
                      report.moved_to_test, seconds, task=listing.task, per_source=per_source,
-                     split_stats=report.summary())
+                     split_stats=report.summary(), volumes=volumes)
     if m.listed != m.accepted + len(m.rejected):  # the accounting promise: every listed file is somewhere
         raise RuntimeError(f"accounting error: listed {m.listed} != accepted {m.accepted} + rejected {len(m.rejected)}")
     _save(fs, m)
-    log.info("materialized %s: %s accepted, %d rejected, %d duplicate contents, %s", url, m.sizes, len(m.rejected),
-             m.duplicate_groups, {k: round(v, 1) for k, v in seconds.items()})
+    log.info("materialized %s: %d files accepted (%s rows; %d files of several frames or slices), %d rejected, "
+             "%d duplicate contents, %s", url, m.accepted, m.sizes, m.volumes, len(m.rejected), m.duplicate_groups,
+             {k: round(v, 1) for k, v in seconds.items()})
     return m
 
 

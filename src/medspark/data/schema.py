@@ -1,4 +1,5 @@
-"""The one definition of a materialized split's columns (one row per accepted image), as plain data.
+"""The one definition of a materialized split's columns (one row per image: a 2D file, or one frame or slice of a
+multi-frame DICOM file or a NIfTI volume, which share path, sha1, label, split and patient), as plain data.
 
 The Petastorm Unischema (driver, loader) and the pyarrow schema (the Spark tasks that write the Parquet files)
 are both derived from COLUMNS; each imports its library only when asked, so data/tasks.py stays import-light.
@@ -24,7 +25,8 @@ COLUMNS = (  # the order of a row as data/tasks.py writes it
     Column("label", np.int32, "int32", "IntegerType"),  # class index, or the findings' bitmask (data/targets.py)
     Column("targets", np.uint8, "binary", None, shape="classes"),  # one-hot class / multi-hot findings (.npy)
     Column("path", np.str_, "string", "StringType"),  # source file, for audits: names.to_text (from_text: the path)
-    Column("sha1", np.str_, "string", "StringType"),  # content identity
+    Column("frame", np.int32, "int32", "IntegerType"),  # frame (DICOM) or slice (NIfTI) index in its file; 0 for 2D
+    Column("sha1", np.str_, "string", "StringType"),  # content identity of the file (all its frames share it)
     Column("split", np.str_, "string", "StringType"),
     Column("patient", np.str_, "string", "StringType"),  # pseudonym (data/phi.py), "" when unknown: never a raw id
     Column("source", np.str_, "string", "StringType"),  # the source of a merged dataset, "" for a single source

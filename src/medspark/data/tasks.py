@@ -1,5 +1,8 @@
 """What materialize's Spark tasks run: hash a partition of files; decode one chunk and write it as Parquet.
 
+A file gives one row per image it holds (preprocess.decode_frames: one for a 2D image, the chosen frames of a
+multi-frame DICOM file or slices of a NIfTI volume), each with the file's path, hash, label, split and patient.
+
 Kept import-light (hashlib, numpy, PIL, pyarrow; no Petastorm, no pyspark.sql): every Python worker imports
 this module before its first task, and on a 2-core machine half a second of imports per worker is visible.
 The sequential baseline in benchmarks/preprocess.py runs these same functions in a plain loop.
@@ -12,7 +15,7 @@ import os
 import numpy as np
 
 from .names import to_text
-from .preprocess import PreprocessConfig, Rejected, content_hash, decode, read_bytes
+from .preprocess import PreprocessConfig, Rejected, content_hash, decode_frames, read_bytes
 from .schema import arrow_schema
 from .targets import target_rows
 
@@ -67,16 +70,18 @@ class _SplitFile:
         self.writer = pq.ParquetWriter(self.stream, self.schema, compression="none")  # pixels barely compress
         self.buffer, self.groups = [], 0
 
-    def add(self, image_bytes: bytes, label: int, path: str, sha: str, patient: str | None, source: str | None):
-        self.buffer.append((image_bytes, label, to_text(path), sha, patient or "", source or ""))  # any file name
+    def add(self, image_bytes: bytes, label: int, path: str, frame: int, sha: str, patient: str | None,
+            source: str | None):
+        self.buffer.append((image_bytes, label, to_text(path), frame, sha, patient or "", source or ""))  # any name
         if len(self.buffer) >= self.group_rows:
             self.flush()
 
     def flush(self) -> None:
         if self.buffer:
-            image, label, path, sha, patient, source = zip(*self.buffer)
+            image, label, path, frame, sha, patient, source = zip(*self.buffer)
             targets = [encode_ndarray(t) for t in target_rows(label, self.task, self.num_classes)]
-            cols = [image, label, targets, path, sha, [self.split] * len(self.buffer), patient, source]  # COLUMNS' order
+            cols = [image, label, targets, path, frame, sha, [self.split] * len(self.buffer), patient,
+                    source]  # COLUMNS' order
             self.writer.write_table(self.pa.Table.from_arrays(
                 [self.pa.array(c, f.type) for c, f in zip(cols, self.schema)], schema=self.schema))
             self.groups += 1
@@ -102,30 +107,38 @@ def write_chunk(chunk, pre: PreprocessConfig, url: str, fs_factory, group_rows: 
     A task that dies (a lost executor, a kill) leaves no partial file behind (temporary names), and a retried
     or speculative attempt of the same chunk replaces the same files instead of duplicating their rows.
     Pixels go from the image file to Parquet inside this Python worker; the driver gets counts back:
-    {"counts": {(split, label, source): n}, "rejected": [(path, reason)], "files": {split: {file: row groups}}}.
+    {"counts": {(split, label, source): rows}, "accepted": files, "volumes": files that gave several rows,
+    "rejected": [(path, reason)], "files": {split: {file: row groups}}}.
     chunk: (index, rows), a row (path, label, split, sha1, patient, source); task and num_classes say how a label
     becomes its `targets` vector (data/targets.py).
     """
     index, rows = chunk
     fs = fs_factory()
     files: dict[str, _SplitFile] = {}
-    counts, rejected, ok = {}, [], False
+    counts, rejected, accepted, volumes, ok = {}, [], 0, 0, False
     try:
         for path, label, split, sha, patient, source in rows:
             try:
-                image = decode(read_bytes(path, pre.max_file_mb), pre)
+                frames = decode_frames(read_bytes(path, pre.max_file_mb), pre)
             except Rejected as e:
                 rejected.append((path, str(e)))
                 continue
             except Exception as e:  # never let one file kill the job
                 rejected.append((path, f"unexpected {type(e).__name__}: {e}"))
                 continue
+            if not frames:
+                rejected.append((path, "no image: no frame or slice passed the selection (preprocess settings)"))
+                continue
             if split not in files:
                 files[split] = _SplitFile(fs, url, split, index, group_rows, task, num_classes)
-            files[split].add(encode_ndarray(image), label, path, sha, patient, source)
-            counts[(split, label, source)] = counts.get((split, label, source), 0) + 1
+            for frame, image in frames:
+                files[split].add(encode_ndarray(image), label, path, int(frame), sha, patient, source)
+            counts[(split, label, source)] = counts.get((split, label, source), 0) + len(frames)
+            accepted += 1
+            volumes += len(frames) > 1
         ok = True
     finally:
         for f in files.values():
             f.close(keep=ok)
-    return {"counts": counts, "rejected": rejected, "files": {s: {f.name: f.groups} for s, f in files.items()}}
+    return {"counts": counts, "accepted": accepted, "volumes": volumes, "rejected": rejected,
+            "files": {s: {f.name: f.groups} for s, f in files.items()}}
