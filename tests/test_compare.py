@@ -355,7 +355,10 @@ def test_a_binary_run_logs_intervals_operating_points_and_ships_its_threshold(tw
         if rule.startswith("sensitivity"):
             assert ops["val_sensitivity"][0] >= 0.9
         clf = mlflow.pyfunc.load_model(f"runs:/{rid}/classifier")
-        assert clf.metadata.metadata["medspark"]["thresholds"] == {"notumor": pytest.approx(ops["threshold"][0])}
+        from medspark.calibration import scale_thresholds  # chosen on the network's scale, shipped on the calibrated
+
+        shipped = scale_thresholds({"notumor": ops["threshold"][0]}, m["temperature"], "binary", ["glioma", "notumor"])
+        assert clf.metadata.metadata["medspark"]["thresholds"] == pytest.approx(shipped)
         preds = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=rid,
                                                                 artifact_path="evaluation/test_predictions.csv"))
         assert list(preds.columns) == ["sha1", "label", "prob_glioma", "prob_notumor"] and len(preds) == m["test_n"]

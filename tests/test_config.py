@@ -221,7 +221,7 @@ def test_group_override_check_leaves_valid_and_hydra_syntax_alone():
                  ["--cfg", "job"], ["dataset.root=/x=y"]):
         check_overrides(argv)
     with pytest.raises(ConfigError, match="experiment=nope is not an option of the experiment group; valid: "
-                                          "brain_mri_small_cnn"):
+                                          "brain_mri_res_cnn, brain_mri_small_cnn"):
         check_overrides(["+experiment=nope"])
 
 

@@ -221,11 +221,11 @@ def test_killed_training_resumes_from_the_last_completed_epoch(tmp_path, backend
     finally:
         job.kill_all()
     done = checkpoint_epochs(checkpoints)
-    assert 2 <= done < epochs, f"killed after {done} epochs: too late to test a resume"
+    assert 2 <= done < epochs, f"killed after {done} epochs (rc {rc}): too late to test a resume:\n{job.tail()}"
     (first,) = runs(uri, "medspark-synthetic")
     assert first.data.tags["medspark.last_completed_epoch"] == str(done), "progress is on the run as it trains"
     if signum == signal.SIGTERM:
-        assert rc == 128 + signal.SIGTERM and "train.resume=true" in job.tail()
+        assert rc == 128 + signal.SIGTERM and "train.resume=true" in job.tail(), f"rc {rc}:\n{job.tail()}"
         assert first.info.status == "KILLED" and "SIGTERM" in first.data.tags["error"]
     else:
         assert rc == -signal.SIGKILL and first.info.status == "RUNNING", "nothing runs on SIGKILL"

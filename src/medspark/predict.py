@@ -161,6 +161,17 @@ def classifier_uri(model_uri: str) -> str:
 
 # -- the two ways to predict ---------------------------------------------------------------------------------
 
+def _file_bytes(value) -> bytes | None:
+    """A content as the model receives it (bytes or base64 text) -> the file's bytes; None when it is neither."""
+    from .data.preprocess import Rejected
+    from .serving import image_bytes
+
+    try:
+        return image_bytes(value)
+    except Rejected:
+        return None
+
+
 def model_calls(sizes: list[int], max_images: int, max_bytes: float):
     """(start, end) of consecutive files, each run within the model's limits on images and bytes per call; a
     file over max_bytes by itself goes alone (the model rejects it)."""
@@ -192,10 +203,11 @@ def predict_contents(model, paths: list[str], contents: list):
         if isinstance(c, Rejected):
             out.at[i, "error"] = str(c)
     out.insert(0, "path", paths)
-    if any(b is not None and is_medical(b) for b in images):  # DICOM/NIfTI: which frame or slice was predicted
+    raw = [None if b is None else _file_bytes(b) for b in images]  # contents may be base64 text, as the model takes
+    if any(b is not None and is_medical(b) for b in raw):  # DICOM/NIfTI: which frame or slice was predicted
         pre = model.unwrap_python_model().preprocess
         frames = [None if b is None or not pd.isna(out.at[i, "error"]) else frame_index(b, pre)
-                  for i, b in enumerate(images)]  # None: no prediction
+                  for i, b in enumerate(raw)]  # None: no prediction
         out.insert(1, "frame", pd.array(frames, dtype="Int64"))
     return out
 

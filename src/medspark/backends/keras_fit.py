@@ -120,9 +120,12 @@ class LiveMetrics:
 
         if self.run_id is None:
             return False
+        from ..interrupts import deferred
+
         try:
-            for i in range(0, len(metrics), 1000):  # MLflow takes at most 1000 metrics a batch
-                MlflowClient().log_batch(self.run_id, metrics=metrics[i:i + 1000])
+            with deferred():  # a SIGTERM mid-write would leave the store's session half done: raised after it
+                for i in range(0, len(metrics), 1000):  # MLflow takes at most 1000 metrics a batch
+                    MlflowClient().log_batch(self.run_id, metrics=metrics[i:i + 1000])
         except Exception as e:  # the tracking store hiccuped: train on, log the rest at the end
             log.warning("live metrics stopped (%s); the rest is logged after training", e)
             self.run_id = None
