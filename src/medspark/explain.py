@@ -35,7 +35,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -552,34 +551,18 @@ def run(opts):
 
 
 def main(argv: list[str]) -> int:
-    from .predict import ArgError, write_csv
+    from .predict import run_command, write_csv
 
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(__doc__.split("\n\nThe same module")[0])
         return 0 if argv else 2
-    try:
-        opts = parse_args(argv)
-    except ArgError as e:
-        print(f"medspark explain: error: {e}\n{USAGE}", file=sys.stderr)
-        return 2
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    t0 = time.perf_counter()
-    try:
-        table = run(opts)
-    except ArgError as e:
-        print(f"medspark explain: error: {e}", file=sys.stderr)
-        return 2
-    except Exception as e:  # MLflow's errors for a wrong model URI are long: show the first line
-        from mlflow.exceptions import MlflowException
-
-        if not isinstance(e, (MlflowException, OSError)):
-            raise
-        print(f"medspark explain: error: model={opts['model']}: {str(e).strip().splitlines()[0]}", file=sys.stderr)
-        return 2
+    done = run_command("medspark explain", argv, USAGE, parse_args, run)
+    if isinstance(done, int):
+        return done
+    opts, table, seconds = done
     csv = opts["out"] / "predictions.csv"
     write_csv(table, str(csv))
     drawn = int(table["overlay"].notna().sum())
     print(f"medspark explain: {len(table)} file(s), {drawn} overlays ({opts['method']}), "
-          f"{len(table) - drawn} not images, {time.perf_counter() - t0:.1f} s -> {opts['out']}")
+          f"{len(table) - drawn} not images, {seconds:.1f} s -> {opts['out']}")
     return 0

@@ -358,36 +358,46 @@ def write_csv(out, output: str) -> None:
     out.assign(**text).to_csv(output, index=False)
 
 
-def main(argv: list[str]) -> int:
-    if argv and argv[0] in ("-h", "--help", "help"):
-        print(__doc__)
-        return 0
+def run_command(prog: str, argv: list[str], usage: str, parse, run):
+    """The shell `medspark predict` and `medspark explain` share: parse the arguments, then run with MLflow quiet.
+    A bad argument, or a model URI MLflow cannot open, is one line on stderr: returns the exit code 2; else
+    (opts, what `run(opts)` returned, seconds it took)."""
     try:
-        opts = parse_args(argv)
+        opts = parse(argv)
     except ArgError as e:
-        print(f"medspark predict: error: {e}\n{USAGE}", file=sys.stderr)
+        print(f"{prog}: error: {e}\n{usage}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per file otherwise
     t0 = time.perf_counter()
     try:
-        out = run(opts)
+        result = run(opts)
     except ArgError as e:
-        print(f"medspark predict: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
     except Exception as e:  # MLflow's errors for a wrong model URI are long: show the first line
         from mlflow.exceptions import MlflowException
 
         if not isinstance(e, (MlflowException, OSError)):
             raise
-        print(f"medspark predict: error: model={opts['model']}: {str(e).strip().splitlines()[0]}", file=sys.stderr)
+        print(f"{prog}: error: model={opts['model']}: {str(e).strip().splitlines()[0]}", file=sys.stderr)
         return 2
+    return opts, result, time.perf_counter() - t0
+
+
+def main(argv: list[str]) -> int:
+    if argv and argv[0] in ("-h", "--help", "help"):
+        print(__doc__)
+        return 0
+    done = run_command("medspark predict", argv, USAGE, parse_args, run)
+    if isinstance(done, int):
+        return done
+    opts, out, seconds = done
     write_csv(out, opts["output"])
     rule = decision(opts["model"])
     errors = int(out["error"].notna().sum()) if "error" in out else 0
     print(f"medspark predict: {len(out)} file(s), {len(out) - errors} predicted, {errors} not images "
-          f"({'spark' if opts['spark'] else 'single process'}, {time.perf_counter() - t0:.1f} s) -> "
-          f"{to_text(opts['output'])}")
+          f"({'spark' if opts['spark'] else 'single process'}, {seconds:.1f} s) -> {to_text(opts['output'])}")
     if rule:
         print(f"medspark predict: {rule}")
     return 0
