@@ -93,62 +93,17 @@ def sequential(listing, pre, out: str, row_group_size_mb: int = 8) -> dict:
             "stages": {"hash": t1 - t0, "decode_write": t2 - t1, "metadata": t3 - t2}}
 
 
-def profile(listing, pre, sample: int = 2000) -> dict:
-    """Microseconds per image for each step of the per-file path, on a sample, in this process."""
-    import io
-
-    import numpy as np
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    from PIL import Image, ImageOps
-
-    from medspark.data.preprocess import content_hash, decode, read_bytes
-    from medspark.data.schema import image_schema
-
-    paths = [r.path for r in listing.records[:sample]]
-    field = image_schema(pre.shape, len(listing.classes)).image
-    out, t = {}, time.perf_counter()
-    data = [read_bytes(p) for p in paths]
-    out["read"] = time.perf_counter() - t
-    t = time.perf_counter()
-    for d in data:
-        content_hash(d)
-    out["sha1"] = time.perf_counter() - t
-    t = time.perf_counter()  # decode alone (PIL open + draft + load), without mode fix and resize
-    for d in data:
-        img = Image.open(io.BytesIO(d))
-        if pre.draft and img.format == "JPEG":
-            img.draft("L", (pre.image_size, pre.image_size))
-        ImageOps.exif_transpose(img.convert("L") if img.mode != "L" else img)
-    out["pil_decode"] = time.perf_counter() - t
-    t = time.perf_counter()
-    images = [decode(d, pre) for d in data]
-    out["decode_and_resize"] = time.perf_counter() - t
-    out["resize_mode_fix (difference)"] = out["decode_and_resize"] - out["pil_decode"]
-    t = time.perf_counter()
-    encoded = [field.codec.encode(field, i) for i in images]
-    out["encode (npy)"] = time.perf_counter() - t
-    t = time.perf_counter()
-    buf = io.BytesIO()
-    pq.write_table(pa.table({"image": pa.array(encoded, pa.binary()), "label": np.zeros(len(encoded), np.int32)}),
-                   buf, compression="none", row_group_size=500)
-    out["parquet write"] = time.perf_counter() - t
-    return {k: 1e6 * v / len(paths) for k, v in out.items()}
-
-
-def dicom_profile(listing, pre, sample: int = 500) -> dict:
-    """Microseconds per DICOM file for each step of its path, on a sample, in this process: read, SHA-1, the
-    header and pixel bytes parsed (pydicom), the pixel data decoded (pixel_array: RLE decompression here), the
-    whole decode_frames (parse + pixels + modality LUT + window + resize; its remainder is the transforms), npy
+def _profile(listing, pre, sample: int, decode_steps) -> dict:
+    """Microseconds per file for each step of the per-file path, on a sample, in this process: read, SHA-1, the
+    format's own decoding steps (`decode_steps(data, out)` times them into `out` and returns the images), npy
     encoding and the Parquet write."""
     import io
 
     import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
-    import pydicom
 
-    from medspark.data.preprocess import content_hash, decode_frames, read_bytes
+    from medspark.data.preprocess import content_hash, read_bytes
     from medspark.data.schema import image_schema
 
     paths = [r.path for r in listing.records[:sample]]
@@ -160,18 +115,7 @@ def dicom_profile(listing, pre, sample: int = 500) -> dict:
     for d in data:
         content_hash(d)
     out["sha1"] = time.perf_counter() - t
-    t = time.perf_counter()
-    parsed = [pydicom.dcmread(io.BytesIO(d)) for d in data]
-    out["pydicom parse"] = time.perf_counter() - t
-    t = time.perf_counter()
-    for ds in parsed:
-        ds.pixel_array
-    out["pixel data (decompress)"] = time.perf_counter() - t
-    t = time.perf_counter()
-    images = [decode_frames(d, pre)[0][1] for d in data]
-    out["decode_frames (all steps)"] = time.perf_counter() - t
-    out["LUTs + window + resize (difference)"] = (out["decode_frames (all steps)"] - out["pydicom parse"]
-                                                  - out["pixel data (decompress)"])
+    images = decode_steps(data, out)
     t = time.perf_counter()
     encoded = [field.codec.encode(field, i) for i in images]
     out["encode (npy)"] = time.perf_counter() - t
@@ -180,6 +124,62 @@ def dicom_profile(listing, pre, sample: int = 500) -> dict:
                    io.BytesIO(), compression="none", row_group_size=500)
     out["parquet write"] = time.perf_counter() - t
     return {k: 1e6 * v / len(paths) for k, v in out.items()}
+
+
+def profile(listing, pre, sample: int = 2000) -> dict:
+    """Microseconds per image for each step of the per-file path, on a sample, in this process."""
+
+    def decode_steps(data, out):
+        import io
+
+        from PIL import Image, ImageOps
+
+        from medspark.data.preprocess import decode
+
+        t = time.perf_counter()  # decode alone (PIL open + draft + load), without mode fix and resize
+        for d in data:
+            img = Image.open(io.BytesIO(d))
+            if pre.draft and img.format == "JPEG":
+                img.draft("L", (pre.image_size, pre.image_size))
+            ImageOps.exif_transpose(img.convert("L") if img.mode != "L" else img)
+        out["pil_decode"] = time.perf_counter() - t
+        t = time.perf_counter()
+        images = [decode(d, pre) for d in data]
+        out["decode_and_resize"] = time.perf_counter() - t
+        out["resize_mode_fix (difference)"] = out["decode_and_resize"] - out["pil_decode"]
+        return images
+
+    return _profile(listing, pre, sample, decode_steps)
+
+
+def dicom_profile(listing, pre, sample: int = 500) -> dict:
+    """Microseconds per DICOM file for each step of its path, on a sample, in this process: read, SHA-1, the
+    header and pixel bytes parsed (pydicom), the pixel data decoded (pixel_array: RLE decompression here), the
+    whole decode_frames (parse + pixels + modality LUT + window + resize; its remainder is the transforms), npy
+    encoding and the Parquet write."""
+
+    def decode_steps(data, out):
+        import io
+
+        import pydicom
+
+        from medspark.data.preprocess import decode_frames
+
+        t = time.perf_counter()
+        parsed = [pydicom.dcmread(io.BytesIO(d)) for d in data]
+        out["pydicom parse"] = time.perf_counter() - t
+        t = time.perf_counter()
+        for ds in parsed:
+            ds.pixel_array
+        out["pixel data (decompress)"] = time.perf_counter() - t
+        t = time.perf_counter()
+        images = [decode_frames(d, pre)[0][1] for d in data]
+        out["decode_frames (all steps)"] = time.perf_counter() - t
+        out["LUTs + window + resize (difference)"] = (out["decode_frames (all steps)"] - out["pydicom parse"]
+                                                      - out["pixel data (decompress)"])
+        return images
+
+    return _profile(listing, pre, sample, decode_steps)
 
 
 def dicom_set(root: str, n: int, size: int) -> str:
