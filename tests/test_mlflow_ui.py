@@ -5,7 +5,6 @@ waits for the rendered text; a failing check saves a screenshot beside the test'
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -15,15 +14,10 @@ from pathlib import Path
 import pytest
 
 from browser import full_page_screenshot
+from medspark.backends.placement import free_port
 from test_sweep import sweep
 
 WAIT_S = 180  # the machine is slow and loaded: the first render of the React app can take a while
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

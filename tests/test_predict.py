@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -31,6 +30,7 @@ from mlflow.exceptions import MlflowException
 from PIL import Image
 
 from medspark import predict
+from medspark.backends.placement import free_port
 from medspark.calibration import apply_temperature
 from medspark.data.preprocess import PreprocessConfig, Rejected, decode, read_bytes
 from medspark.serving import ServingLimits
@@ -308,12 +308,6 @@ def test_hidden_file_rule_matches_spark():
 
 # -- `mlflow models serve` --------------------------------------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 TRIPWIRE_GS = """#!/bin/sh
 # stands in for Ghostscript on the model server's PATH: Pillow's EPS loader runs `gs`; any call is recorded
 echo "$@" >> "$0.calls"
@@ -330,7 +324,7 @@ def server(trained):
     bin_dir.mkdir()
     (bin_dir / "gs").write_text(TRIPWIRE_GS)
     (bin_dir / "gs").chmod(0o755)
-    port, log_path = _free_port(), tmp / "serve.log"
+    port, log_path = free_port(), tmp / "serve.log"
     env = {**ENV, "MLFLOW_TRACKING_URI": trained["uri"], "PATH": f"{bin_dir}{os.pathsep}{ENV['PATH']}"}
     with open(log_path, "wb") as log:
         proc = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", uri, "--env-manager",

@@ -3,7 +3,6 @@ tracking.uri=http://... logs its run, registers its model, sets the champion ali
 through the server (nothing on the client's disk), all readable back through the server's API."""
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,14 +12,10 @@ import numpy as np
 import pytest
 from mlflow import MlflowClient
 
+from medspark.backends.placement import free_port
+
 SMALL = ["dataset.generate.per_class=60", "dataset.generate.size=64", "preprocess.image_size=64",
          "train.epochs=2", "train.batch_size=16", "cluster.cores=2"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
