@@ -1,9 +1,9 @@
 """Time to accuracy: test accuracy against wall-clock training minutes, epoch by epoch, one curve per recipe.
 
     .venv/bin/python benchmarks/time_to_accuracy.py \
-        --recipe current="experiment=brain_mri_small_cnn" \
-        --recipe res_cnn="experiment=brain_mri_small_cnn model=res_cnn train.optimizer=adamw train.lr=2e-3" \
-        --seeds 42 --budget-minutes 30 -- dataset.root=../shared/datasets/brain-tumor-mri
+        --recipe current="experiment=brain_mri_small_cnn" --recipe res_cnn="experiment=brain_mri_res_cnn" \
+        --seeds 42 43 44 --budget-minutes 30 --save-results --resume -- dataset.root=../shared/datasets/brain-tumor-mri
+    mlflow run . -e bench_time_to_accuracy -P seeds="42 43 44" --env-manager local     # the same defaults
 
 Each (recipe, seed) trains in its own process (a fresh TensorFlow) through the real pipeline: the dataset is listed,
 preprocessed on Spark and read from Petastorm as `medspark` does, the model is built from `conf/model/` and trained
@@ -16,8 +16,10 @@ minutes to reach the reference's final accuracy and the ratio. Machines differ b
 measured in the same invocation.
 
 Results: one MLflow run per (recipe, seed) in the experiment `medspark-bench-time-to-accuracy` (per-epoch metrics
-`curve_*` with step = epoch) and a summary run with the table (markdown) and the curves (PNG); written to --out as
-well only with --save.
+`curve_*` with step = epoch) and a summary run with the table (markdown), the curves (PNG) and every run's curve
+(JSON); to benchmarks/results/ only with --save-results (results_folder.py). Each finished (recipe, seed) is kept in
+the results folder's time_to_accuracy_runs/ as it ends; --resume reuses those, so an hours-long comparison can be run
+in parts (the table and plot are remade from all of them).
 """
 from __future__ import annotations
 
@@ -31,14 +33,16 @@ from pathlib import Path
 
 import numpy as np
 
+import results_folder  # benchmarks/results_folder.py: where the result files go
+
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENT = "medspark-bench-time-to-accuracy"
 
 
 # ---------------------------------------------------------------- one (recipe, seed): runs in its own process
 
-def train_one(name: str, seed: int, overrides: list[str], budget_minutes: float, negative: str | None,
-              out: Path, data_seed: int = 42) -> dict:
+def train_one(name: str, seed: int, given: list[str], budget_minutes: float, negative: str | None,
+              out: Path, data_seed: int = 42, uri: str | None = None) -> dict:
     """Train one recipe through the real pipeline, predicting the test split after every epoch. `seed` varies the
     weights and the batches; the split stays the same for every recipe and seed (`data_seed`)."""
     from medspark import pipeline, tracking
@@ -48,7 +52,7 @@ def train_one(name: str, seed: int, overrides: list[str], budget_minutes: float,
     from medspark.config import compose_project_config
     from medspark.models import flops_per_image
 
-    overrides = [*overrides, f"seed={seed}", f"split.seed={data_seed}", "tracking.register=never", f"tracking.experiment={EXPERIMENT}",
+    overrides = [*given, *([f"tracking.uri={uri}"] if uri else []), f"seed={seed}", f"split.seed={data_seed}", "tracking.register=never", f"tracking.experiment={EXPERIMENT}",
                  f"tracking.run_name=tta-{name}-s{seed}"]
     cfg = compose_project_config(overrides)
     tags = pipeline.run_tags(cfg, overrides) | {"medspark.bench": "time_to_accuracy", "medspark.recipe": name}
@@ -68,11 +72,11 @@ def train_one(name: str, seed: int, overrides: list[str], budget_minutes: float,
         rows = curve.rows
         final = _scores(np.asarray(result.model.predict(x_test, batch_size=128, verbose=0)), y_test, data.classes,
                         negative)  # the weights fit() kept (early stopping restores the best)
-        summary = {"recipe": name, "seed": seed, "overrides": overrides, "run_id": stage.run.info.run_id,
+        summary = {"recipe": name, "seed": seed, "given": given, "overrides": overrides, "run_id": stage.run.info.run_id,
                    "flops_per_image": flops_per_image(result.model), "params": int(result.model.count_params()),
                    "image_size": int(data.shape[0]), "train_images": int(data.sizes["train"]),
                    "test_images": int(len(y_test)), "curve": rows, "final": final,
-                   "train_minutes": rows[-1]["minutes"] if rows else 0.0}
+                   "train_minutes": rows[-1]["minutes"] if rows else 0.0, "budget_minutes": budget_minutes}
         mlflow.log_metrics({"flops_per_image": summary["flops_per_image"], "params": summary["params"],
                             **{f"final_{k}": v for k, v in final.items() if isinstance(v, float)}})
         mlflow.log_dict(summary, "time_to_accuracy.json")
@@ -190,65 +194,80 @@ def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     common = argv[argv.index("--") + 1:] if "--" in argv else []
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--recipe", action="append", default=[], metavar="NAME=OVERRIDES",
-                    help="a named recipe: Hydra overrides in one string; the first is the reference")
-    ap.add_argument("--seeds", type=int, nargs="+", default=[42])
+    ap.add_argument("--recipe", action="extend", nargs="+", default=[], metavar="NAME=OVERRIDES",
+                    help="named recipes, each its Hydra overrides in one string; the first is the reference")
+    ap.add_argument("--seeds", nargs="+", default=["42"], help="seeds (also as one string: '42 43 44')")
     ap.add_argument("--data-seed", type=int, default=42, help="split.seed of every run: one test split for all")
     ap.add_argument("--budget-minutes", type=float, default=30.0, help="training minutes after which a run stops")
     ap.add_argument("--negative", default="notumor", help="the 'no lesion' class (lesion sensitivity); none: off")
     ap.add_argument("--uri", default=f"sqlite:///{ROOT}/mlruns.db")
-    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
-    ap.add_argument("--save", action="store_true", help="also write the table and plot to --out")
+    ap.add_argument("--resume", action="store_true",
+                    help="reuse the runs already in the results folder's time_to_accuracy_runs/ whose overrides are "
+                         "the same (with --out or --save-results): a long comparison can go on where it stopped")
+    results_folder.add_arguments(ap)
     ap.add_argument("--one", nargs=3, metavar=("NAME", "SEED", "JSON"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
     negative = None if args.negative == "none" else args.negative
+    args.seeds = [int(s) for word in args.seeds for s in word.split()]
     if args.one:
         name, seed, out = args.one
-        train_one(name, int(seed), [f"tracking.uri={args.uri}", *common], args.budget_minutes, negative, Path(out),
-                  args.data_seed)
+        train_one(name, int(seed), common, args.budget_minutes, negative, Path(out), args.data_seed, args.uri)
         return
     recipes = [r.split("=", 1) if "=" in r else (r, "") for r in args.recipe] or [("current", "")]
-    import tempfile
-
+    if len({n for n, _ in recipes}) < len(recipes):
+        sys.exit("two --recipe share a name: give each its own NAME=")
+    out_dir = results_folder.folder(args)  # a temporary folder unless --save-results or --out
+    runs_dir = out_dir / "time_to_accuracy_runs"
+    runs_dir.mkdir(exist_ok=True)
+    parent = os.environ.pop("MLFLOW_RUN_ID", None)  # `mlflow run -e bench_time_to_accuracy`: its run is the summary
+    env = dict(os.environ, MEDSPARK_PARENT_RUN_ID=parent) if parent else None  # the (recipe, seed) runs: its children
     results, failed = [], []
-    with tempfile.TemporaryDirectory(prefix="medspark-tta-") as tmp:
+    # seed-major: an interrupted comparison still has every recipe at the seeds it finished
+    for seed in args.seeds:
         for name, over in recipes:
-            for seed in args.seeds:
-                out = Path(tmp) / f"{name}-{seed}.json"
-                cmd = [sys.executable, __file__, "--one", name, str(seed), str(out), "--uri", args.uri,
-                       "--budget-minutes", str(args.budget_minutes), "--negative", args.negative,
-                       "--data-seed", str(args.data_seed),
-                       "--", *over.split(), *common]
-                print(f"\n### {name} seed {seed}: {' '.join(over.split() + common)}", flush=True)
-                t = time.perf_counter()
-                if subprocess.run(cmd, cwd=ROOT).returncode or not out.exists():
-                    failed.append(f"{name}/{seed}")
+            out = runs_dir / f"{name}-s{seed}.json"
+            overrides = [*over.split(), *common]
+            if args.resume and out.exists():
+                done = json.loads(out.read_text())
+                if done.get("given") == overrides and done.get("budget_minutes") == args.budget_minutes:
+                    print(f"### {name} seed {seed}: reused {out}", flush=True)
+                    results.append(done)
                     continue
-                results.append(json.loads(out.read_text()))
-                print(f"### {name} seed {seed}: {time.perf_counter() - t:.0f} s wall", flush=True)
-        if not results:
-            sys.exit(f"every run failed: {', '.join(failed)}")
-        md = table(results)
-        print("\n" + md)
-        files = Path(tmp) / "time_to_accuracy.md", Path(tmp) / "time_to_accuracy.png"
-        files[0].write_text(md)
-        plot(results, files[1])
-        import mlflow
+            cmd = [sys.executable, __file__, "--one", name, str(seed), str(out), "--uri", args.uri,
+                   "--budget-minutes", str(args.budget_minutes), "--negative", args.negative,
+                   "--data-seed", str(args.data_seed), "--", *overrides]
+            print(f"\n### {name} seed {seed}: {' '.join(overrides)}", flush=True)
+            t = time.perf_counter()
+            out.unlink(missing_ok=True)
+            if subprocess.run(cmd, cwd=ROOT, env=env).returncode or not out.exists():
+                failed.append(f"{name}/{seed}")
+                continue
+            results.append(json.loads(out.read_text()))
+            print(f"### {name} seed {seed}: {time.perf_counter() - t:.0f} s wall", flush=True)
+    if not results:
+        sys.exit(f"every run failed: {', '.join(failed)}")
+    order = {n: i for i, (n, _) in enumerate(recipes)}
+    results.sort(key=lambda r: (order[r["recipe"]], r["seed"]))  # the reference first: the table's first row
+    md = table(results)
+    print("\n" + md)
+    files = out_dir / "time_to_accuracy.md", out_dir / "time_to_accuracy.png", out_dir / "time_to_accuracy.json"
+    files[0].write_text(md)
+    plot(results, files[1])
+    files[2].write_text(json.dumps(results, indent=1))
+    import mlflow
 
-        mlflow.set_tracking_uri(args.uri)
+    mlflow.set_tracking_uri(args.uri)
+    if not parent:
         mlflow.set_experiment(EXPERIMENT)
-        with mlflow.start_run(run_name="bench-time-to-accuracy-summary", tags={"medspark.bench": "summary"}):
-            mlflow.log_params({"recipes": " | ".join(f"{n}: {o}" for n, o in recipes)[:6000],
-                               "seeds": " ".join(map(str, args.seeds)), "budget_minutes": args.budget_minutes,
-                               "common_overrides": " ".join(common)[:6000]})
-            for f in files:
-                mlflow.log_artifact(str(f))
-            mlflow.log_dict(results, "time_to_accuracy.json")
-        if args.save:
-            args.out.mkdir(parents=True, exist_ok=True)
-            for f in files:
-                (args.out / f.name).write_bytes(f.read_bytes())
-            (args.out / "time_to_accuracy.json").write_text(json.dumps(results, indent=1))
+    with mlflow.start_run(run_id=parent, run_name="bench-time-to-accuracy-summary", tags={"medspark.bench": "summary"}):
+        given = mlflow.active_run().data.params  # `mlflow run` logged its own -P values: params cannot change
+        mlflow.log_params({(f"bench_{k}" if k in given else k): v for k, v in {
+            "recipes": " | ".join(f"{n}: {o}" for n, o in recipes)[:6000], "seeds": " ".join(map(str, args.seeds)),
+            "budget_minutes": args.budget_minutes, "common_overrides": " ".join(common)[:6000]}.items()})
+        for r in results:
+            mlflow.log_metric(f"{r['recipe']}_s{r['seed']}_test_accuracy", r["final"]["test_accuracy"])
+        for f in files:
+            mlflow.log_artifact(str(f))
     if failed:
         sys.exit(f"failed runs: {', '.join(failed)}")
 

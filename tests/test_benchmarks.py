@@ -81,3 +81,44 @@ def test_backends_benchmark_takes_the_data_size_and_keeps_committed_results(tmp_
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(summary.info.run_id)}
     assert {"backends.md", "backends.png"} <= artifacts
     assert "| single |" in mlflow.artifacts.load_text(f"runs:/{summary.info.run_id}/backends.md")
+
+
+@pytest.mark.slow
+def test_time_to_accuracy_curves_table_and_resume(tmp_path):
+    """Two recipes through the real pipeline: a curve point per epoch, the table with the reference first, each run
+    kept as it ends, and --resume building the same table again from those without training anything."""
+    out, uri = tmp_path / "out", f"sqlite:///{tmp_path}/m.db"
+    argv = [sys.executable, str(ROOT / "benchmarks" / "time_to_accuracy.py"),
+            "--recipe", "ref=model=small_cnn", "--recipe", "new=model=res_cnn train.optimizer=adamw",
+            "--seeds", "7", "--negative", "none", "--out", str(out), "--uri", uri, "--",
+            "dataset=synthetic", "dataset.generate.per_class=10", "dataset.generate.size=32",
+            "preprocess.image_size=32", "train.epochs=2", "train.batch_size=8", f"paths.work_dir={tmp_path}/work",
+            f"tracking.artifact_location={tmp_path}/artifacts", f"hydra.run.dir={tmp_path}/outputs"]
+    proc = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    results = json.loads((out / "time_to_accuracy.json").read_text())
+    assert [(r["recipe"], r["seed"]) for r in results] == [("ref", 7), ("new", 7)]
+    for r in results:
+        assert [p["epoch"] for p in r["curve"]] == [1, 2]
+        assert 0 < r["curve"][0]["minutes"] < r["curve"][1]["minutes"]
+        assert 0.0 <= r["final"]["test_accuracy"] <= 1.0 and r["flops_per_image"] > 0 and r["params"] > 0
+    assert results[1]["flops_per_image"] < results[0]["flops_per_image"]  # res_cnn: fewer multiply-adds at 32 px
+    table = (out / "time_to_accuracy.md").read_text().splitlines()
+    assert table[2].startswith("| ref | 1 |") and table[3].startswith("| new | 1 |")
+    assert (out / "time_to_accuracy.png").stat().st_size > 10_000
+    kept = sorted(p.name for p in (out / "time_to_accuracy_runs").iterdir())
+    assert kept == ["new-s7.json", "ref-s7.json"]
+
+    again = subprocess.run([*argv[:2], "--resume", *argv[2:]], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-3000:]
+    assert again.stdout.count("reused") == 2 and "[time-to-accuracy] epoch" not in again.stdout
+    assert (out / "time_to_accuracy.md").read_text().splitlines() == table
+
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    runs = mlflow.search_runs(experiment_names=["medspark-bench-time-to-accuracy"], output_format="list")
+    assert sorted(r.info.run_name for r in runs if r.data.tags.get("medspark.bench") == "time_to_accuracy") == [
+        "tta-new-s7", "tta-ref-s7"]
+    curve = mlflow.MlflowClient().get_metric_history(results[0]["run_id"], "curve_test_accuracy")
+    assert [m.step for m in curve] == [1, 2]
