@@ -18,7 +18,8 @@ measured in the same invocation.
 Results: one MLflow run per (recipe, seed) in the experiment `medspark-bench-time-to-accuracy` (per-epoch metrics
 `curve_*` with step = epoch) and a summary run with the table (markdown), the curves (PNG) and every run's curve
 (JSON); to benchmarks/results/ only with --save-results (results_folder.py). Each finished (recipe, seed) is kept in
-the results folder's time_to_accuracy_runs/ as it ends; --resume reuses those, so an hours-long comparison can be run
+the results folder's <name>_runs/ as it ends (--name, default time_to_accuracy: one name per comparison, e.g.
+time_to_accuracy_chest); --resume reuses those, so an hours-long comparison can be run
 in parts (the table and plot are remade from all of them).
 """
 from __future__ import annotations
@@ -48,12 +49,13 @@ def train_one(name: str, seed: int, given: list[str], budget_minutes: float, neg
     from medspark import pipeline, tracking
     from medspark.backends import keras_fit
     from medspark.backends.api import TrainJob
+    from medspark.backends.schedule import snapshot_ends
     from medspark.cli import import_tensorflow
     from medspark.config import compose_project_config
     from medspark.models import flops_per_image
 
-    overrides = [*given, *([f"tracking.uri={uri}"] if uri else []), f"seed={seed}", f"split.seed={data_seed}", "tracking.register=never", f"tracking.experiment={EXPERIMENT}",
-                 f"tracking.run_name=tta-{name}-s{seed}"]
+    overrides = [*given, *([f"tracking.uri={uri}"] if uri else []), f"seed={seed}", f"split.seed={data_seed}",
+                 "tracking.register=never", f"tracking.experiment={EXPERIMENT}", f"tracking.run_name=tta-{name}-s{seed}"]
     cfg = compose_project_config(overrides)
     tags = pipeline.run_tags(cfg, overrides) | {"medspark.bench": "time_to_accuracy", "medspark.recipe": name}
     with pipeline.data_run(cfg, overrides, run_name=None, tags=tags, app_name=f"bench-tta-{name}") as stage:
@@ -64,7 +66,8 @@ def train_one(name: str, seed: int, given: list[str], budget_minutes: float, neg
         data = stage.data
         job = TrainJob.from_config(cfg, data)
         x_test, y_test = job.arrays("test")
-        curve = _curve_callback(x_test, y_test, data.classes, negative, budget_minutes)
+        curve = _curve_callback(x_test, y_test, data.classes, negative, budget_minutes,
+                                snapshot_ends(job.train))
         bs = job.train.batch_size
         train_ds = job.dataset("train", True, bs)
         val_ds = job.dataset("val", False, bs) if data.sizes["val"] else None
@@ -86,11 +89,19 @@ def train_one(name: str, seed: int, given: list[str], budget_minutes: float, neg
 
 
 def _scores(probs: np.ndarray, y: np.ndarray, classes, negative: str | None) -> dict:
+    from sklearn.metrics import roc_auc_score
+
     pred = probs.argmax(1)
     out = {"test_accuracy": float((pred == y).mean())}
     for i, c in enumerate(classes):
         sel = y == i
         out[f"recall_{c}"] = float((pred[sel] == i).mean()) if sel.any() else float("nan")
+    out["balanced_accuracy"] = float(np.nanmean([out[f"recall_{c}"] for c in classes]))
+    try:  # one-vs-rest, macro (binary: the second class's probability)
+        out["auc"] = float(roc_auc_score(y, probs[:, 1]) if len(classes) == 2 else
+                           roc_auc_score(y, probs, multi_class="ovr", average="macro", labels=range(len(classes))))
+    except ValueError:  # a class absent from the test split
+        out["auc"] = float("nan")
     if negative in classes:
         n = list(classes).index(negative)
         sick = y != n
@@ -98,16 +109,17 @@ def _scores(probs: np.ndarray, y: np.ndarray, classes, negative: str | None) -> 
     return out
 
 
-def _curve_callback(x_test, y_test, classes, negative, budget_minutes: float):
+def _curve_callback(x_test, y_test, classes, negative, budget_minutes: float, ends=()):
     """Keras callback: test scores after every epoch against training minutes (its own time excluded); stops training
-    once the budget is spent."""
+    once the budget is spent. With train.snapshots (`ends`: the cycles' last epochs) the scores are those of the
+    model fit would return if training stopped there: the vote of the snapshots so far and the current weights."""
     import keras
     import mlflow
 
     class Curve(keras.callbacks.Callback):
         def __init__(self):
             super().__init__()
-            self.rows, self.train_seconds = [], 0.0
+            self.rows, self.train_seconds, self.kept = [], 0.0, []
 
         def on_epoch_begin(self, epoch, logs=None):
             self.t0 = time.perf_counter()
@@ -115,6 +127,9 @@ def _curve_callback(x_test, y_test, classes, negative, budget_minutes: float):
         def on_epoch_end(self, epoch, logs=None):
             self.train_seconds += time.perf_counter() - self.t0
             probs = np.asarray(self.model.predict(x_test, batch_size=128, verbose=0))
+            if epoch + 1 in ends:
+                self.kept.append(probs)
+            probs = np.mean([*self.kept, *([] if epoch + 1 in ends else [probs])], axis=0)
             row = {"epoch": epoch + 1, "minutes": self.train_seconds / 60, **_scores(probs, y_test, classes, negative),
                    "val_accuracy": float((logs or {}).get("val_accuracy", float("nan")))}
             self.rows.append(row)
@@ -135,25 +150,33 @@ def minutes_to(rows: list[dict], target: float) -> float:
 
 
 def table(results: list[dict]) -> str:
-    """One row per recipe (mean and spread over seeds): final accuracy, minutes, minutes to the reference's final
-    accuracy and the ratio to the reference, FLOPs, parameters, per-class recall, lesion sensitivity."""
+    """One row per recipe (mean and spread over seeds): final test accuracy (the model fit returned), balanced
+    accuracy, AUC, the best epoch's, training minutes; the minutes to reach the reference's (first recipe's) mean
+    final accuracy, over the seeds that reached it, and their ratio to the reference's mean training minutes (its
+    whole run: "the current recipe's accuracy in what fraction of its time"); FLOPs, parameters, recall per class,
+    lesion sensitivity."""
     by: dict[str, list[dict]] = {}
     for r in results:
         by.setdefault(r["recipe"], []).append(r)
     ref_name = results[0]["recipe"]
     ref_acc = float(np.mean([r["final"]["test_accuracy"] for r in by[ref_name]]))
-    ref_min = float(np.mean([minutes_to(r["curve"], ref_acc) for r in by[ref_name]]))
+    ref_min = float(np.mean([r["train_minutes"] for r in by[ref_name]]))
     classes = [k[len("recall_"):] for k in results[0]["final"] if k.startswith("recall_")]
-    head = ["recipe", "seeds", "test accuracy", "best epoch acc", "train min", f"min to {ref_acc:.3f}",
-            "time ratio", "MFLOPs/img", "params", *[f"recall {c}" for c in classes], "lesion sens."]
+    head = ["recipe", "seeds", "test accuracy", "balanced acc.", "AUC", "best epoch acc", "train min",
+            f"min to {ref_acc:.3f} (seeds)", f"÷ {ref_min:.1f} min", "MFLOPs/img", "params",
+            *[f"recall {c}" for c in classes], "lesion sens."]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, rs in by.items():
         acc = [r["final"]["test_accuracy"] for r in rs]
         reach = [minutes_to(r["curve"], ref_acc) for r in rs]
-        m = float(np.mean(reach))
-        cells = [name, str(len(rs)), _pm(acc), _pm([max(x["test_accuracy"] for x in r["curve"]) for r in rs]),
-                 _pm([r["train_minutes"] for r in rs], "{:.1f}"), _pm(reach, "{:.1f}"),
-                 "-" if np.isnan(m) or np.isnan(ref_min) else f"{m / ref_min:.2f}",
+        got = [m for m in reach if not np.isnan(m)]
+        balanced = [r["final"].get("balanced_accuracy", np.nanmean([r["final"][f"recall_{c}"] for c in classes]))
+                    for r in rs]
+        cells = [name, str(len(rs)), _pm(acc), _pm(balanced), _pm([r["final"].get("auc", float("nan")) for r in rs]),
+                 _pm([max(x["test_accuracy"] for x in r["curve"]) for r in rs]),
+                 _pm([r["train_minutes"] for r in rs], "{:.1f}"),
+                 f"{_pm(got, '{:.1f}')} ({len(got)}/{len(rs)})",
+                 f"{np.mean(got) / ref_min:.2f}" if got and ref_min else "-",
                  f"{rs[0]['flops_per_image'] / 1e6:.0f}", f"{rs[0]['params']:,}",
                  *[_pm([r["final"][f"recall_{c}"] for r in rs]) for c in classes],
                  _pm([r["final"].get("lesion_sensitivity", float("nan")) for r in rs])]
@@ -202,9 +225,11 @@ def main(argv=None) -> None:
     ap.add_argument("--negative", default="notumor", help="the 'no lesion' class (lesion sensitivity); none: off")
     ap.add_argument("--uri", default=f"sqlite:///{ROOT}/mlruns.db")
     ap.add_argument("--resume", action="store_true",
-                    help="reuse the runs already in the results folder's time_to_accuracy_runs/ whose overrides are "
+                    help="reuse the runs already in the results folder's <name>_runs/ whose overrides are "
                          "the same (with --out or --save-results): a long comparison can go on where it stopped")
     results_folder.add_arguments(ap)
+    ap.add_argument("--name", default="time_to_accuracy",
+                    help="the comparison's file names: <name>.md, .png, .json and <name>_runs/")
     ap.add_argument("--one", nargs=3, metavar=("NAME", "SEED", "JSON"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
     negative = None if args.negative == "none" else args.negative
@@ -217,7 +242,7 @@ def main(argv=None) -> None:
     if len({n for n, _ in recipes}) < len(recipes):
         sys.exit("two --recipe share a name: give each its own NAME=")
     out_dir = results_folder.folder(args)  # a temporary folder unless --save-results or --out
-    runs_dir = out_dir / "time_to_accuracy_runs"
+    runs_dir = out_dir / f"{args.name}_runs"
     runs_dir.mkdir(exist_ok=True)
     parent = os.environ.pop("MLFLOW_RUN_ID", None)  # `mlflow run -e bench_time_to_accuracy`: its run is the summary
     env = dict(os.environ, MEDSPARK_PARENT_RUN_ID=parent) if parent else None  # the (recipe, seed) runs: its children
@@ -250,7 +275,7 @@ def main(argv=None) -> None:
     results.sort(key=lambda r: (order[r["recipe"]], r["seed"]))  # the reference first: the table's first row
     md = table(results)
     print("\n" + md)
-    files = out_dir / "time_to_accuracy.md", out_dir / "time_to_accuracy.png", out_dir / "time_to_accuracy.json"
+    files = [out_dir / f"{args.name}.{ext}" for ext in ("md", "png", "json")]
     files[0].write_text(md)
     plot(results, files[1])
     files[2].write_text(json.dumps(results, indent=1))
@@ -259,7 +284,8 @@ def main(argv=None) -> None:
     mlflow.set_tracking_uri(args.uri)
     if not parent:
         mlflow.set_experiment(EXPERIMENT)
-    with mlflow.start_run(run_id=parent, run_name="bench-time-to-accuracy-summary", tags={"medspark.bench": "summary"}):
+    with mlflow.start_run(run_id=parent, run_name=f"bench-{args.name}-summary".replace("_", "-"),
+                          tags={"medspark.bench": "summary"}):
         given = mlflow.active_run().data.params  # `mlflow run` logged its own -P values: params cannot change
         mlflow.log_params({(f"bench_{k}" if k in given else k): v for k, v in {
             "recipes": " | ".join(f"{n}: {o}" for n, o in recipes)[:6000], "seeds": " ".join(map(str, args.seeds)),

@@ -101,11 +101,12 @@ def images(classes: tuple[str, ...], per_class: int, size: int, real: bool = Fal
 
 
 def dicom_set(root, classes=("glioma", "notumor"), per_class: int = 30, size: int = 48, per_patient: int = 3,
-              real: bool = False, phi: bool = False, labels_csv: str | None = None) -> Path:
+              real: bool = False, phi: bool = False, labels_csv: str | None = None, folder: str = "pt{:03d}") -> Path:
     """root/<class>/pt<nnn>/im<nnnnn>.dcm, `per_patient` images a patient (one study: one AccessionNumber); every
     3rd file MONOCHROME1, every 4th RLE Lossless. phi: every file carries FAKE_PHI (PatientID and AccessionNumber
     made unique per patient by a suffix) instead of neutral values. labels_csv: also write root/<labels_csv> with
-    `AccessionNumber,label` per study, plus one row whose study has no file (a rejected row)."""
+    `AccessionNumber,label` per study, plus one row whose study has no file (a rejected row). folder: the patient
+    folder's name, formatted with the patient's number (a PACS export names it after the patient)."""
     root = Path(root)
     rows, n = [], 0
     for c, imgs in images(classes, per_class, size, real).items():
@@ -117,7 +118,7 @@ def dicom_set(root, classes=("glioma", "notumor"), per_class: int = 30, size: in
             tags["AccessionNumber"] = f"{tags['AccessionNumber']}-{c[0]}{i // per_patient}"  # VR SH: 16 characters
             if i % per_patient == 0:
                 rows.append((tags["AccessionNumber"], c))
-            write_dicom(root / c / f"pt{i // per_patient:03d}" / f"im{n:05d}.dcm", img, patient_id=pid,
+            write_dicom(root / c / folder.format(i // per_patient) / f"im{n:05d}.dcm", img, patient_id=pid,
                         patient_name=name, monochrome1=n % 3 == 1, rle=n % 4 == 2, tags=tags)
             n += 1
     if labels_csv:

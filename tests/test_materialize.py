@@ -179,3 +179,39 @@ def test_each_task_writes_one_complete_file_and_petastorm_indexes_it(spark, tmp_
     assert all(f.startswith("part-") or f == "_common_metadata" for f in os.listdir(folder)), os.listdir(folder)
     assert pq.read_table(folder / part).num_rows == len(rows)
     assert len(read_arrays(m.split_url("train"))[1]) == m.sizes["train"]
+
+
+def test_hash_paths_writes_a_pseudonym_for_every_path(spark, tmp_path):
+    """privacy.hash_paths: a folder named after a patient appears in no Parquet row and no rejected.csv line; the
+    pseudonym is the same for the same key, and the paths-kept and paths-hidden datasets are different datasets."""
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    from medspark.data import phi
+
+    root = tmp_path / "ds"
+    for cls in ("a", "b"):
+        (root / cls / "Doe^Jane_0001").mkdir(parents=True)
+        for i in range(5):
+            Image.fromarray(np.full((20, 20), i * 30 + (cls == "b") * 7, np.uint8)).save(
+                root / cls / "Doe^Jane_0001" / f"{i}.png")
+    (root / "a" / "Doe^Jane_0001" / "broken.png").write_bytes(b"\x89PNG truncated")
+    listing = listing_of(root)
+
+    def written(m):
+        folder = tmp_path / "data" / "h" / m.fingerprint
+        paths = {v for f in folder.rglob("*.parquet") for v in pq.read_table(f, columns=["path"])["path"].to_pylist()}
+        return paths, (folder / mat.REJECTED).read_text()
+
+    kept = mat.materialize(spark, listing, PRE, SPLIT, str(tmp_path / "data"), "h")
+    hidden = mat.materialize(spark, listing, PRE, SPLIT, str(tmp_path / "data"), "h", path_key=b"k1")
+    assert hidden.fingerprint != kept.fingerprint and not hidden.reused
+    paths, rejected = written(kept)
+    assert all("Doe^Jane_0001" in p for p in paths) and "Doe^Jane_0001" in rejected  # the control: paths kept
+    paths, rejected = written(hidden)
+    assert len(paths) == 10 and "Doe" not in "".join(paths) + rejected
+    assert paths == {phi.shown_path(str(p), b"k1") for p in root.rglob("[0-9].png")}
+    assert all(p.startswith("file-") and p.endswith(".png") for p in paths)
+    assert [p for p, _ in hidden.rejected] == [phi.shown_path(str(root / "a" / "Doe^Jane_0001" / "broken.png"), b"k1")]
+    other_key = mat.materialize(spark, listing, PRE, SPLIT, str(tmp_path / "data"), "h", path_key=b"k2")
+    assert other_key.fingerprint not in (kept.fingerprint, hidden.fingerprint)

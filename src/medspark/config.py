@@ -81,6 +81,8 @@ def check(cfg: DictConfig) -> None:
     except ValueError as e:
         raise ConfigError(str(e)) from None
     TrainConfig.from_cfg(cfg.train)
+    if cfg.get("privacy") is not None:
+        _coerce(cfg.privacy.get("hash_paths", False), bool, "privacy.hash_paths")
     if str(cfg.train.objective) != AUTO_OBJECTIVE and not str(cfg.train.objective).startswith("test_"):
         raise ConfigError(f"train.objective={cfg.train.objective} must be `auto` or a test metric such as "
                           "test_accuracy, test_macro_f1 or test_mean_auc")
@@ -183,6 +185,7 @@ class TrainConfig:
     warmup_epochs: int = 0  # linear warm-up of the rate over the first epochs, then the schedule
     label_smoothing: float = 0.0  # targets (1 - e) on the class, e / K spread over all (single-label and multilabel)
     ema: float = 0.0  # keep an exponential moving average of the weights (per step, this momentum); 0 = off
+    snapshots: int = 0  # >= 2: cosine restarts, the weights at each cycle's end kept, their soft vote is the model
 
     @classmethod
     def from_cfg(cls, train) -> "TrainConfig":
@@ -199,7 +202,7 @@ _CHOICES = {"train.optimizer": OPTIMIZERS, "train.lr_schedule": LR_SCHEDULES, "t
 _MINIMUM = {"train.epochs": 1, "train.batch_size": 1, "train.shuffle_buffer": 0, "train.weight_decay": 0,
             "train.early_stopping.patience": 0, "train.augment.rotation": 0, "train.augment.brightness": 0,
             "train.augment.contrast": 0, "train.verbose": 0, "train.warmup_epochs": 0, "train.label_smoothing": 0,
-            "train.ema": 0}
+            "train.ema": 0, "train.snapshots": 0}
 
 
 def _typed(cls, raw, key: str):
@@ -240,6 +243,20 @@ def _typed(cls, raw, key: str):
     for name in ("label_smoothing", "ema") if key == "train" else ():
         if not out.get(name, 0.0) < 1:
             raise ConfigError(f"train.{name}={out[name]} must be in [0, 1)")
+    if key == "train" and out.get("snapshots", 0) >= 2:
+        n, span = out["snapshots"], out["epochs"] - out.get("warmup_epochs", 0)
+        if out["lr_schedule"] != "cosine":
+            raise ConfigError(f"train.snapshots={n} restarts the cosine schedule: set train.lr_schedule=cosine "
+                              f"(it is {out['lr_schedule']})")
+        if out["early_stopping"].patience:
+            raise ConfigError(f"train.snapshots={n} keeps every cycle's last weights: set "
+                              "train.early_stopping.patience=0 (early stopping would cut the cycles short)")
+        if out.get("ema", 0.0):
+            raise ConfigError(f"train.snapshots={n} and train.ema={out['ema']}: the snapshots are the cycles' own "
+                              "weights, the moving average would blur them; set one of them to 0")
+        if span < n:
+            raise ConfigError(f"train.snapshots={n} needs at least one epoch per cycle: train.epochs - "
+                              f"train.warmup_epochs is {span}")
     return cls(**out)
 
 

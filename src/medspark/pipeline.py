@@ -52,7 +52,8 @@ def data_run(cfg: DictConfig, overrides=(), spark=None, *, run_name: str | None,
         resume.end_dead_runs(run.info.run_id)  # RUNNING runs of this experiment whose process was SIGKILLed
         tracking.log_config(cfg, overrides)
         timings = Timings()
-        phi.configure(cfg.get("privacy", {}).get("phi_key"))  # before listing (pseudonyms) and before Spark starts
+        privacy = cfg.get("privacy") or {}
+        phi.configure(privacy.get("phi_key"), bool(privacy.get("hash_paths", False)))  # before listing and Spark
         with timings("list_seconds"):
             listing = list_dataset(cfg.dataset)
         log.info("listed %d files in %d classes %s", len(listing.records), len(listing.classes), listing.counts())
@@ -103,7 +104,7 @@ def _materialize(cfg, spark, listing) -> mat.Materialized:
     with _data_lock(cfg):
         data = mat.materialize(spark, listing, pre, split, cfg.paths.data_url, cfg.dataset.name,
                                row_group_size_mb=int(cfg.materialize.row_group_size_mb),
-                               rebuild=bool(cfg.materialize.rebuild))
+                               rebuild=bool(cfg.materialize.rebuild), path_key=phi.path_key())
     for name in ("train", "val", "test"):
         if not data.sizes[name]:
             raise DatasetError(f"the {name} split is empty after preprocessing ({len(data.rejected)} files rejected, "

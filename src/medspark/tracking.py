@@ -493,8 +493,10 @@ def log_listing(listing) -> None:
     import mlflow
     from .data.materialize import rejected_csv
 
+    from .data.phi import path_key, shown_rows
+
     mlflow.log_metric("data_ignored", len(listing.ignored))
-    mlflow.log_text(rejected_csv(listing.ignored), "data/ignored.csv")
+    mlflow.log_text(rejected_csv(shown_rows(listing.ignored, path_key())), "data/ignored.csv")
     if any(r.source for r in listing.records):  # a merged dataset: what each source brought, what its map dropped
         from .data.sources.merged import counts_per_source, dropped_per_source
 

@@ -24,12 +24,14 @@ log = logging.getLogger("medspark")
 def train(cfg: DictConfig, overrides: list[str] | tuple = (), spark=None) -> float:
     """Run one training job end to end and return the objective metric (for sweepers):
     check -> data stage (medspark.pipeline) -> backend fit -> evaluate the test split -> track in MLflow."""
-    from .backends import build
+    from .backends import build, snapshots
     from .backends.api import TrainJob
     from .backends.keras_fit import LiveMetrics
+    from .config import TrainConfig
 
     backend = build(cfg.backend)  # a bad backend option is one line, before Spark starts
     resume.check(cfg, backend)
+    snapshots.check(TrainConfig.from_cfg(cfg.train), backend)
     with pipeline.data_run(cfg, overrides, spark, run_name=None, tags=pipeline.run_tags(cfg, overrides),
                            app_name=f"medspark-{cfg.dataset.name}") as stage, \
             tempfile.TemporaryDirectory(prefix="medspark-") as tmp:

@@ -1,7 +1,7 @@
 """THE Keras fit path: every backend that trains with `model.fit` (single, mirrored, each spark_barrier worker,
 each ensemble member) calls `fit`, which builds and compiles the model from the job, wires the callbacks (early
-stopping, learning-rate schedule, resume checkpoint, epoch timer, live MLflow metrics), fits and returns a
-TrainResult.
+stopping, learning-rate schedule, snapshots, resume checkpoint, epoch timer, live MLflow metrics), fits and returns
+a TrainResult (with train.snapshots, its model is the snapshots' soft vote: backends/snapshots.py).
 
 What differs between strategies is what the backend passes in: the datasets (a whole split, a worker's shard, a
 bootstrap sample), the batch size, the distribution strategy whose scope holds the model, the seed and model
@@ -15,7 +15,7 @@ import logging
 import time
 from typing import Any, Callable
 
-from . import schedule
+from . import schedule, snapshots
 from .api import TrainJob, TrainResult
 
 log = logging.getLogger(__name__)
@@ -161,10 +161,11 @@ class LiveMetrics:
         return _Live()
 
 
-def callbacks(job: TrainJob) -> list:
-    """Early stopping that restores the best weights and the learning-rate schedule (both from schedule.py), and
-    with a checkpoint the per-epoch backup that lets a killed run resume (last: it records what the others logged)."""
-    out = schedule.keras_callbacks(job.train)
+def callbacks(job: TrainJob, keeper=None) -> list:
+    """Early stopping that restores the best weights and the learning-rate schedule (both from schedule.py), the
+    snapshot keeper (snapshots.py) if any, and with a checkpoint the per-epoch backup that lets a killed run resume
+    (last: it records what the others logged, and backs up an epoch only after its snapshot is written)."""
+    out = schedule.keras_callbacks(job.train) + ([keeper] if keeper is not None else [])
     if job.checkpoint is not None:
         out.append(job.checkpoint.callback(others=list(out)))
     return out
@@ -210,15 +211,18 @@ def fit(job: TrainJob, train_data, val_data=None, *, batch_size: int, images_per
     if prepare is not None:
         prepare(model)
     timer = EpochTimer()
+    keeper = snapshots.keeper(job)
     live = [_live.callback(timer, job.checkpoint)] if _live is not None else []  # last: it sees what the others put in the logs
     start = time.perf_counter()
     hist = model.fit(train_data, validation_data=val_data, epochs=job.train.epochs, steps_per_epoch=steps_per_epoch,
                      validation_steps=validation_steps, validation_batch_size=validation_batch_size,
-                     callbacks=[timer, *callbacks(job), *extra_callbacks, *live],
+                     callbacks=[timer, *callbacks(job, keeper), *extra_callbacks, *live],
                      class_weight=job.class_weight() if class_weight else None,
                      shuffle=False,  # the loader shuffles (row groups, then a buffer)
                      verbose=job.train.verbose if verbose is None else verbose)
     seconds = time.perf_counter() - start
+    if keeper is not None:
+        model = keeper.vote(model, job.build_model)
     ckpt = job.checkpoint  # resumed: its history also holds the epochs trained before the interruption
     per_epoch = job.data.sizes["train"] if images_per_epoch is None else images_per_epoch
     return TrainResult(model, ckpt.history if ckpt else history_dict(hist), list(timer.seconds), seconds,

@@ -7,6 +7,9 @@ and `EarlyStop` themselves. Both compute every decision with the same code. Rate
 - `cosine`: 0.5 * lr * (1 + cos(pi * epoch / epochs)), set at the start of each epoch (0-based);
 - with `train.warmup_epochs` = w > 0 the first w epochs train at lr * (epoch + 1) / (w + 1), and the schedule then
   runs over the epochs left (cosine: from lr at epoch w to 0 at the end; none and plateau: from lr);
+- `cosine` with `train.snapshots` = N >= 2 (snapshot ensembles, Huang et al. 2017): the epochs after the warm-up
+  are N cycles (`snapshot_ends`; lengths differ by at most one), each a cosine from lr towards 0; keras_fit keeps
+  the weights at every cycle's end and returns their soft vote;
 - `plateau`: the rule of keras ReduceLROnPlateau(monitor="val_loss", factor=0.5, patience=2, min_lr=1e-6,
   min_delta=1e-4): after 2 epochs in a row without val_loss improving on its best by more than 1e-4, halve
   the rate (not below 1e-6) and start counting again.
@@ -27,6 +30,16 @@ PLATEAU_MONITOR, PLATEAU_FACTOR, PLATEAU_PATIENCE, PLATEAU_MIN_LR, PLATEAU_MIN_D
 def cosine_lr(epoch: int, base_lr: float, epochs: int) -> float:
     """Cosine decay from base_lr at epoch 0 towards 0 at `epochs`."""
     return 0.5 * base_lr * (1 + math.cos(math.pi * epoch / max(1, epochs)))
+
+
+def snapshot_ends(train) -> list[int]:
+    """train.snapshots >= 2: the completed-epoch counts at which the cosine cycles end (the last is train.epochs);
+    [] when off."""
+    n = int(_get(train, "snapshots", 0) or 0)
+    if n < 2:
+        return []
+    warmup, epochs = int(_get(train, "warmup_epochs", 0) or 0), int(_get(train, "epochs"))
+    return [warmup + round(k * (epochs - warmup) / n) for k in range(1, n + 1)]
 
 
 MAX_KEYS = ("acc", "auc", "f1", "precision", "recall", "ap")  # metrics where higher is better
@@ -80,6 +93,7 @@ class LrSchedule:
     def __init__(self, train):
         self.kind, self.base_lr, self.epochs = kind_of(train), float(_get(train, "lr")), int(_get(train, "epochs"))
         self.warmup = int(_get(train, "warmup_epochs", 0) or 0)
+        self.cycles = [self.warmup, *snapshot_ends(train)] if self.kind == "cosine" else []  # cycle bounds
         self.lr, self.best, self.wait, self.epoch = self.base_lr, None, 0, 0
         if self.warmup:
             self.lr = self.lr_for(0)
@@ -88,6 +102,9 @@ class LrSchedule:
         self.epoch = epoch
         if epoch < self.warmup:
             self.lr = self.base_lr * (epoch + 1) / (self.warmup + 1)
+        elif self.kind == "cosine" and len(self.cycles) > 2:  # snapshots: the cycle this epoch is in
+            start, end = next((a, b) for a, b in zip(self.cycles, self.cycles[1:]) if epoch < b or b == self.epochs)
+            self.lr = cosine_lr(epoch - start, self.base_lr, end - start)
         elif self.kind == "cosine":
             self.lr = cosine_lr(epoch - self.warmup, self.base_lr, self.epochs - self.warmup)
         elif epoch == self.warmup and self.warmup:

@@ -30,6 +30,7 @@ import numpy as np
 
 from . import splits as splitting
 from .names import from_text, to_text
+from .phi import shown_path, shown_rows
 from .preprocess import PreprocessConfig
 from . import targets
 from .schema import image_schema
@@ -133,11 +134,14 @@ def normalize_url(url: str) -> str:
     return url if "://" in url else "file://" + os.path.abspath(os.path.expanduser(url))
 
 
-def fingerprint(listing: Listing, pre: PreprocessConfig, split_cfg: dict) -> str:
-    """Changes whenever an input file, a label, a preprocessing or a split setting changes."""
+def fingerprint(listing: Listing, pre: PreprocessConfig, split_cfg: dict, path_key: bytes | None = None) -> str:
+    """Changes whenever an input file, a label, a preprocessing or a split setting changes, or how paths are written
+    (privacy.hash_paths and its key, through a pseudonym of a constant: never the key)."""
     h = hashlib.sha256()
     h.update(json.dumps({"v": FORMAT_VERSION, "pre": asdict(pre), "split": split_cfg, "classes": listing.classes,
-                        "task": listing.task, "refused": len(listing.rejected)}, sort_keys=True).encode())
+                        "task": listing.task, "refused": len(listing.rejected),
+                        "paths": None if path_key is None else shown_path("fingerprint", path_key)},
+                       sort_keys=True).encode())
     for r in listing.records:
         try:
             st = os.stat(r.path)
@@ -159,13 +163,15 @@ def _task_count(n: int, parallelism: int, max_rows: int) -> int:
 
 
 def materialize(spark, listing: Listing, pre: PreprocessConfig, split_cfg: dict, data_url: str, name: str,
-                row_group_size_mb: int = 8, rebuild: bool = False) -> Materialized:
+                row_group_size_mb: int = 8, rebuild: bool = False, path_key: bytes | None = None) -> Materialized:
     """Build (or reuse) the Petastorm splits of a listed dataset. split_cfg: {val, test, seed, label_conflicts}.
+    path_key: privacy.hash_paths' key (data/phi.py): every path written (the `path` column, rejected.csv) is the
+    file's pseudonym; None keeps the paths.
     Materialized.seconds: fingerprint and split (driver), hash, preprocess (decode + resize + Parquet write,
     on the executors) and write (Petastorm metadata)."""
     splitting.check_label_conflicts(split_cfg.get("label_conflicts", "reject"))
     t = time.perf_counter()
-    fp = fingerprint(listing, pre, dict(split_cfg))
+    fp = fingerprint(listing, pre, dict(split_cfg), path_key)
     seconds = {"fingerprint": time.perf_counter() - t}
     url = f"{normalize_url(data_url).rstrip('/')}/{name}/{fp}"
     fs = HadoopFS(spark)
@@ -202,7 +208,8 @@ def materialize(spark, listing: Listing, pre: PreprocessConfig, split_cfg: dict,
     sc.setJobDescription(f"medspark: decode + resize {len(todo)} images to {pre.shape} and write Parquet")
     task, k = listing.task, len(listing.classes)
     results = (sc.parallelize(chunks, len(chunks))
-               .mapPartitions(lambda it: [write_chunk(c, pre, base, fs_factory, group_rows, task, k) for c in it])
+               .mapPartitions(lambda it: [write_chunk(c, pre, base, fs_factory, group_rows, task, k, path_key)
+                                          for c in it])
                .collect())
     seconds["preprocess"] = time.perf_counter() - t  # decode, encode and Parquet write, fused in each task
 
@@ -214,7 +221,7 @@ def materialize(spark, listing: Listing, pre: PreprocessConfig, split_cfg: dict,
     seconds["write"] = time.perf_counter() - t  # Petastorm metadata (the Parquet itself is written above)
 
     m = Materialized(url, fp, listing.classes, pre.shape, sizes, per_class, n, accepted,
-                     sorted(rejected), report.duplicate_groups, report.duplicate_files, report.label_conflicts,
+                     sorted(shown_rows(rejected, path_key)), report.duplicate_groups, report.duplicate_files, report.label_conflicts,
                      report.moved_to_test, seconds, task=listing.task, per_source=per_source,
                      split_stats=report.summary(), volumes=volumes)
     if m.listed != m.accepted + len(m.rejected):  # the accounting promise: every listed file is somewhere

@@ -15,6 +15,7 @@ import os
 import numpy as np
 
 from .names import to_text
+from .phi import shown_path
 from .preprocess import PreprocessConfig, Rejected, content_hash, decode_frames, read_bytes
 from .schema import arrow_schema
 from .targets import target_rows
@@ -101,7 +102,7 @@ class _SplitFile:
 
 
 def write_chunk(chunk, pre: PreprocessConfig, url: str, fs_factory, group_rows: int, task: str,
-                num_classes: int) -> dict:
+                num_classes: int, path_key: bytes | None = None) -> dict:
     """One task: decode a chunk of files and write each split's rows as one Parquet file of that split.
 
     A task that dies (a lost executor, a kill) leaves no partial file behind (temporary names), and a retried
@@ -110,7 +111,9 @@ def write_chunk(chunk, pre: PreprocessConfig, url: str, fs_factory, group_rows: 
     {"counts": {(split, label, source): rows}, "accepted": files, "volumes": files that gave several rows,
     "rejected": [(path, reason)], "files": {split: {file: row groups}}}.
     chunk: (index, rows), a row (path, label, split, sha1, patient, source); task and num_classes say how a label
-    becomes its `targets` vector (data/targets.py).
+    becomes its `targets` vector (data/targets.py). path_key: privacy.hash_paths' key (data/phi.shown_path): the
+    `path` column holds the file's pseudonym; None: its path. Rejected paths come back as they are (the driver
+    hides them).
     """
     index, rows = chunk
     fs = fs_factory()
@@ -132,7 +135,8 @@ def write_chunk(chunk, pre: PreprocessConfig, url: str, fs_factory, group_rows: 
             if split not in files:
                 files[split] = _SplitFile(fs, url, split, index, group_rows, task, num_classes)
             for frame, image in frames:
-                files[split].add(encode_ndarray(image), label, path, int(frame), sha, patient, source)
+                files[split].add(encode_ndarray(image), label, shown_path(path, path_key), int(frame), sha, patient,
+                                  source)
             counts[(split, label, source)] = counts.get((split, label, source), 0) + len(frames)
             accepted += 1
             volumes += len(frames) > 1

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..names import to_text
+from ..phi import path_key, shown_rows
 
 log = logging.getLogger(__name__)
 
@@ -160,5 +161,6 @@ def log_ignored(ignored: list[tuple[str, str]], root: Path) -> None:
     if ignored:
         notable = [(p, why) for p, why in ignored if not os.path.basename(p).startswith(("_", "."))]
         path, why = (notable or ignored)[0]
+        (path, why), = shown_rows([(path, why)], path_key())  # privacy.hash_paths
         log.log(logging.WARNING if notable else logging.INFO, "%d file(s) under %s are not inputs, e.g. %s (%s); "
                 "see the listing's `ignored`", len(ignored), to_text(str(root)), to_text(path), to_text(why))

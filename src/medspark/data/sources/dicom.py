@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from ..names import to_text
-from ..phi import pseudonym
+from ..phi import CsvRow, path_key, pseudonym, shown_rows
 from ..preprocess import is_system_file
 from . import DatasetError, Listing, Record, check_root, log_ignored, walk
 from .class_folders import ClassFolders
@@ -73,8 +73,9 @@ class Dicom:
             records.append(dataclasses.replace(r, patient=pseudonym(raw)) if str(raw).strip() else r)
         rejected = list(base.rejected) + sorted(refused.items())
         if refused:
+            (path, why), = shown_rows([next(iter(refused.items()))], path_key())  # privacy.hash_paths
             log.warning("%d of %d file(s) are not readable DICOM, e.g. %s (%s); see data/rejected.csv", len(refused),
-                        len(files), to_text(next(iter(refused))), next(iter(refused.values())))
+                        len(files), to_text(path), why)
         unknown = sum(r.patient is None for r in records)
         if self.patient_tag and unknown:
             log.warning("%d of %d DICOM file(s) have no %s (dataset.patient_tag): each is split as its own patient",
@@ -127,7 +128,7 @@ class Dicom:
             for number, row in enumerate(reader, start=2):
                 if not row or not any(c.strip() for c in row):
                     continue
-                where = f"{table.name}:row {number}"
+                where = CsvRow.of(table.name, number)
                 value = row[k].strip() if len(row) > k else ""
                 label = row[lab].strip() if len(row) > lab else ""
                 if not value or not label:

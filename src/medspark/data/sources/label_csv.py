@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from ..names import to_text
-from ..phi import pseudonym
+from ..phi import CsvRow, path_key, pseudonym, shown_path
 from ..targets import bits, task_of
 from . import DatasetError, Listing, Record, check_root, log_ignored, walk
 
@@ -175,18 +175,18 @@ class LabelCsv:
                         break
                     last_error = reader.line_num
                     number += 1
-                    rejected.append((f"{table.name}:row {number}", f"unreadable CSV row ({e})"))
+                    rejected.append((CsvRow.of(table.name, number), f"unreadable CSV row ({e})"))
                     continue
                 number += 1
                 if not row or (len(row) == 1 and not row[0].strip()):
                     continue  # a blank line is not a row
-                where = f"{table.name}:row {number}"
+                where = CsvRow.of(table.name, number)
                 key = row[at["image_column"]].strip() if len(row) > at["image_column"] else ""
                 if key:
                     key = os.path.normpath(key) if os.sep in key else key  # ./a.png, a//b.png
                     referenced.add(key)
                 if len(row) < need:
-                    rejected.append((where, f"{to_text(key) + ': ' if key else ''}{len(row)} field(s), the header "
+                    rejected.append((where, f"{_shown(key) + ': ' if key else ''}{len(row)} field(s), the header "
                                             f"has {len(cols)} (truncated row)"))
                     continue
                 if not key:
@@ -195,7 +195,7 @@ class LabelCsv:
                 labels = self._labels(row[at["label_column"]])
                 why = labels if isinstance(labels, str) else _where(key, images, named)
                 if why:
-                    rejected.append((where, f"{to_text(key)}: {why}"))
+                    rejected.append((where, f"{_shown(key)}: {why}"))
                     continue
                 split = "test" if key in named.get("test", ()) else None
                 patient = None
@@ -300,7 +300,7 @@ def _where(key: str, images: dict[str, list[str]], named: dict[str, set[str]]) -
     if not paths:
         return "image not found in dataset.image_dirs"
     if len(paths) > 1:
-        return f"found in two image folders ({', '.join(to_text(os.path.dirname(p)) for p in paths)})"
+        return f"found in two image folders ({', '.join(_shown(os.path.dirname(p)) for p in paths)})"
     if "test" in named and "train" in named and key in named["test"] and key in named["train"]:
         return "in both split lists (dataset.split_lists)"
     if "train" in named and key not in named["train"] and key not in named.get("test", ()):
@@ -327,13 +327,18 @@ def _drop_duplicates(rows: list[_Row], rejected: list[tuple[str, str]], csv_name
             keep.append(row)
             continue
         first = copies[0]
-        where = f"{csv_name}:row {row.number}"
+        where = CsvRow.of(csv_name, row.number)
         if len({(c.labels, c.patient) for c in copies}) > 1:
             what = "labels" if len({c.labels for c in copies}) > 1 else "patients"
-            rejected.append((where, f"{to_text(row.key)}: listed with different {what} in rows "
+            rejected.append((where, f"{_shown(row.key)}: listed with different {what} in rows "
                                     f"{', '.join(str(c.number) for c in copies)}"))
         elif row is first:
             keep.append(row)
         else:
-            rejected.append((where, f"{to_text(row.key)}: duplicate of row {first.number} (same labels)"))
+            rejected.append((where, f"{_shown(row.key)}: duplicate of row {first.number} (same labels)"))
     return keep, rejected
+
+
+def _shown(name: str) -> str:
+    """An image name or folder as a rejection reason gives it: itself, or its pseudonym (privacy.hash_paths)."""
+    return to_text(shown_path(name, path_key()))
