@@ -16,7 +16,7 @@ minutes to reach the reference's final accuracy and the ratio. Machines differ b
 measured in the same invocation.
 
 Results: one MLflow run per (recipe, seed) in the experiment `medspark-bench-time-to-accuracy` (per-epoch metrics
-`curve_*` with step = epoch) and a summary run with the table (markdown), the curves (PNG) and every run's curve
+`curve_*` with step = epoch) and a summary run with the table (markdown), the plot (PNG) and every run's curve
 (JSON); to benchmarks/results/ only with --save-results (results_folder.py). Each finished (recipe, seed) is kept in
 the results folder's <name>_runs/ as it ends (--name, default time_to_accuracy: one name per comparison, e.g.
 time_to_accuracy_chest); --resume reuses those, so an hours-long comparison can be run
@@ -275,10 +275,9 @@ def main(argv=None) -> None:
     results.sort(key=lambda r: (order[r["recipe"]], r["seed"]))  # the reference first: the table's first row
     md = table(results)
     print("\n" + md)
-    files = [out_dir / f"{args.name}.{ext}" for ext in ("md", "png", "json")]
+    files = [out_dir / f"{args.name}.{ext}" for ext in ("md", "png")]  # the curves themselves: <name>_runs/
     files[0].write_text(md)
     plot(results, files[1])
-    files[2].write_text(json.dumps(results, indent=1))
     import mlflow
 
     mlflow.set_tracking_uri(args.uri)
@@ -294,6 +293,7 @@ def main(argv=None) -> None:
             mlflow.log_metric(f"{r['recipe']}_s{r['seed']}_test_accuracy", r["final"]["test_accuracy"])
         for f in files:
             mlflow.log_artifact(str(f))
+        mlflow.log_dict(results, f"{args.name}.json")
     if failed:
         sys.exit(f"failed runs: {', '.join(failed)}")
 

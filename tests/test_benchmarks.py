@@ -96,8 +96,7 @@ def test_time_to_accuracy_curves_table_and_resume(tmp_path):
             f"tracking.artifact_location={tmp_path}/artifacts", f"hydra.run.dir={tmp_path}/outputs"]
     proc = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    results = json.loads((out / "time_to_accuracy.json").read_text())
-    assert [(r["recipe"], r["seed"]) for r in results] == [("ref", 7), ("new", 7)]
+    results = [json.loads((out / "time_to_accuracy_runs" / f"{n}-s7.json").read_text()) for n in ("ref", "new")]
     for r in results:
         assert [p["epoch"] for p in r["curve"]] == [1, 2]
         assert 0 < r["curve"][0]["minutes"] < r["curve"][1]["minutes"]
@@ -122,3 +121,7 @@ def test_time_to_accuracy_curves_table_and_resume(tmp_path):
         "tta-new-s7", "tta-ref-s7"]
     curve = mlflow.MlflowClient().get_metric_history(results[0]["run_id"], "curve_test_accuracy")
     assert [m.step for m in curve] == [1, 2]
+    summaries = [r for r in runs if r.data.tags.get("medspark.bench") == "summary"]
+    assert len(summaries) == 2  # the comparison and its resumed remake
+    logged = mlflow.artifacts.load_dict(f"runs:/{summaries[0].info.run_id}/time_to_accuracy.json")
+    assert [(r["recipe"], r["seed"]) for r in logged] == [("ref", 7), ("new", 7)]
