@@ -89,22 +89,18 @@ def train_one(name: str, seed: int, given: list[str], budget_minutes: float, neg
 
 
 def _scores(probs: np.ndarray, y: np.ndarray, classes, negative: str | None) -> dict:
-    from sklearn.metrics import roc_auc_score
+    """The test metrics medspark logs for a run (evaluate.classification_metrics): accuracy, balanced accuracy,
+    one-vs-rest AUC (binary: the ordinary AUC), recall per class; plus the sensitivity for "any lesion"."""
+    from medspark.evaluate import classification_metrics, metric_key_names
 
-    pred = probs.argmax(1)
-    out = {"test_accuracy": float((pred == y).mean())}
-    for i, c in enumerate(classes):
-        sel = y == i
-        out[f"recall_{c}"] = float((pred[sel] == i).mean()) if sel.any() else float("nan")
-    out["balanced_accuracy"] = float(np.nanmean([out[f"recall_{c}"] for c in classes]))
-    try:  # one-vs-rest, macro (binary: the second class's probability)
-        out["auc"] = float(roc_auc_score(y, probs[:, 1]) if len(classes) == 2 else
-                           roc_auc_score(y, probs, multi_class="ovr", average="macro", labels=range(len(classes))))
-    except ValueError:  # a class absent from the test split
-        out["auc"] = float("nan")
+    m = classification_metrics(y, probs, classes, prefix="")
+    out = {"test_accuracy": m["accuracy"], "balanced_accuracy": m["balanced_accuracy"],
+           "auc": m.get("roc_auc_ovr", float("nan")),  # absent when a class is missing from the test split
+           **{f"recall_{c}": m[f"recall_{key}"] if m[f"support_{key}"] else float("nan")  # absent: no recall
+              for c, key in zip(classes, metric_key_names(classes))}}
     if negative in classes:
         n = list(classes).index(negative)
-        sick = y != n
+        pred, sick = probs.argmax(1), y != n
         out["lesion_sensitivity"] = float((pred[sick] != n).mean()) if sick.any() else float("nan")
     return out
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pydicom = pytest.importorskip("pydicom")
+import pydicom  # noqa: E402  (a dependency: a missing one fails here, never skips)
 from pydicom.data import get_testdata_file  # noqa: E402
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut  # noqa: E402
 

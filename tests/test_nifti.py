@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-nib = pytest.importorskip("nibabel")
+import nibabel as nib  # noqa: E402  (a dependency: a missing one fails here, never skips)
 
 from medspark.data import nifti  # noqa: E402
 from medspark.data.preprocess import PreprocessConfig, Rejected, decode_frames  # noqa: E402

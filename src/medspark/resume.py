@@ -271,6 +271,22 @@ class Checkpoint:
                                                 "history": self.history,
                                                 "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
 
+    def put(self, name: str, data: bytes) -> None:
+        """Another callback's state as a file of this checkpoint's folder (replaced whole), written by the `writer`
+        only, gone with the checkpoint (backends/snapshots.py keeps its snapshots here)."""
+        if self.writer:
+            write_replacing(f"{self.directory}/{name}", data)
+
+    def get(self, name: str) -> bytes | None:
+        """A file `put` wrote, or None when it is not there."""
+        import tensorflow as tf
+
+        path = f"{self.directory}/{name}"
+        if not tf.io.gfile.exists(path):
+            return None
+        with tf.io.gfile.GFile(path, "rb") as f:
+            return f.read()
+
     def remove(self) -> None:
         import tensorflow as tf
 
@@ -296,15 +312,20 @@ def read_checkpoint_state(directory: str) -> dict | None:
 
 
 def write_checkpoint_state(directory: str, state: dict) -> None:
-    """medspark.json, replaced whole (written beside it, then renamed over it)."""
+    """medspark.json, replaced whole."""
     import json
 
+    write_replacing(f"{directory}/{Checkpoint.STATE}", json.dumps(state).encode())
+
+
+def write_replacing(path: str, data: bytes) -> None:
+    """A file of a checkpoint folder replaced whole: written beside it, then renamed over it (a reader never sees
+    half of it), on any file system TensorFlow knows."""
     import tensorflow as tf
 
-    tf.io.gfile.makedirs(directory)
-    path = f"{directory}/{Checkpoint.STATE}"
-    with tf.io.gfile.GFile(path + ".tmp", "w") as f:
-        f.write(json.dumps(state))
+    tf.io.gfile.makedirs(path.rsplit("/", 1)[0])
+    with tf.io.gfile.GFile(path + ".tmp", "wb") as f:
+        f.write(data)
     tf.io.gfile.rename(path + ".tmp", path, overwrite=True)
 
 

@@ -93,7 +93,7 @@ class LrSchedule:
     def __init__(self, train):
         self.kind, self.base_lr, self.epochs = kind_of(train), float(_get(train, "lr")), int(_get(train, "epochs"))
         self.warmup = int(_get(train, "warmup_epochs", 0) or 0)
-        self.cycles = [self.warmup, *snapshot_ends(train)] if self.kind == "cosine" else []  # cycle bounds
+        self.cycles = [self.warmup, *(snapshot_ends(train) or [self.epochs])]  # cosine cycles' bounds: one, or N
         self.lr, self.best, self.wait, self.epoch = self.base_lr, None, 0, 0
         if self.warmup:
             self.lr = self.lr_for(0)
@@ -102,11 +102,9 @@ class LrSchedule:
         self.epoch = epoch
         if epoch < self.warmup:
             self.lr = self.base_lr * (epoch + 1) / (self.warmup + 1)
-        elif self.kind == "cosine" and len(self.cycles) > 2:  # snapshots: the cycle this epoch is in
+        elif self.kind == "cosine":  # over the cycle this epoch is in (the last one runs on past train.epochs)
             start, end = next((a, b) for a, b in zip(self.cycles, self.cycles[1:]) if epoch < b or b == self.epochs)
             self.lr = cosine_lr(epoch - start, self.base_lr, end - start)
-        elif self.kind == "cosine":
-            self.lr = cosine_lr(epoch - self.warmup, self.base_lr, self.epochs - self.warmup)
         elif epoch == self.warmup and self.warmup:
             self.lr = self.base_lr
         return self.lr

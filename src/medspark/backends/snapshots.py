@@ -13,7 +13,6 @@ elsewhere (spark_barrier, ensemble members, Elephas) do not take snapshots (`sup
 """
 from __future__ import annotations
 
-import io
 import logging
 
 import numpy as np
@@ -94,33 +93,26 @@ def _keeper_class():
     return Keeper
 
 
-def _path(checkpoint, end: int) -> str | None:
-    return f"{checkpoint.directory}/snapshot-{end}.npz" if checkpoint is not None else None
+def _name(end: int) -> str:
+    return f"snapshot-{end}.npz"
 
 
 def _save(checkpoint, end: int, weights) -> None:
-    if checkpoint is None or not checkpoint.writer:
-        return
-    import tensorflow as tf
+    """The snapshot of cycle end `end` into the resume checkpoint (arrays, never a pickle: spark_barrier's format)."""
+    if checkpoint is not None:
+        from .spark_barrier import dump_result
 
-    buf = io.BytesIO()
-    np.savez(buf, *weights)
-    path = _path(checkpoint, end)
-    tf.io.gfile.makedirs(checkpoint.directory)
-    with tf.io.gfile.GFile(path + ".tmp", "wb") as f:
-        f.write(buf.getvalue())
-    tf.io.gfile.rename(path + ".tmp", path, overwrite=True)
+        checkpoint.put(_name(end), dump_result({"weights": weights}))
 
 
 def _load(checkpoint, end: int) -> list[np.ndarray] | None:
-    if checkpoint is None:
+    """A snapshot `_save` wrote, or None (no checkpoint, absent or torn: the vote goes without it, warned)."""
+    blob = checkpoint.get(_name(end)) if checkpoint is not None else None
+    if blob is None:
         return None
-    import tensorflow as tf
+    from .spark_barrier import load_result
 
-    path = _path(checkpoint, end)
     try:
-        with tf.io.gfile.GFile(path, "rb") as f:
-            npz = np.load(io.BytesIO(f.read()), allow_pickle=False)
-        return [npz[f"arr_{i}"] for i in range(len(npz.files))]
-    except Exception:  # absent or torn: the vote goes without it (warned by the caller)
+        return load_result(blob)["weights"]
+    except Exception:  # torn
         return None

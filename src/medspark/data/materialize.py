@@ -221,8 +221,8 @@ def materialize(spark, listing: Listing, pre: PreprocessConfig, split_cfg: dict,
     seconds["write"] = time.perf_counter() - t  # Petastorm metadata (the Parquet itself is written above)
 
     m = Materialized(url, fp, listing.classes, pre.shape, sizes, per_class, n, accepted,
-                     sorted(shown_rows(rejected, path_key)), report.duplicate_groups, report.duplicate_files, report.label_conflicts,
-                     report.moved_to_test, seconds, task=listing.task, per_source=per_source,
+                     sorted(shown_rows(rejected, path_key)), report.duplicate_groups, report.duplicate_files,
+                     report.label_conflicts, report.moved_to_test, seconds, task=listing.task, per_source=per_source,
                      split_stats=report.summary(), volumes=volumes)
     if m.listed != m.accepted + len(m.rejected):  # the accounting promise: every listed file is somewhere
         raise RuntimeError(f"accounting error: listed {m.listed} != accepted {m.accepted} + rejected {len(m.rejected)}")

@@ -11,8 +11,8 @@ inherit (a local Spark session started after it: its executors); a function ship
 pseudonym takes the key as an argument (`pseudonym(value, kind, key)`) rather than trusting their environment.
 
 File paths are kept as given unless `privacy.hash_paths` is true: then every path medspark writes (the Parquet `path`
-column, and so test_predictions.csv, the Grad-CAM gallery and report.html; data/rejected.csv and data/ignored.csv,
-with the path inside each reason; log lines; a label CSV's image names in its rejections) is `shown_path`'s
+column; data/rejected.csv and data/ignored.csv, with the path inside each reason; log lines; a label CSV's image
+names in its rejections; predictions and the Grad-CAM gallery name images by content hash either way) is `shown_path`'s
 `file-<16 hex>.<suffix>`, a keyed hash of the whole path: for exports whose folders or file names carry a patient's
 name or id. The same file gets the same name for one key; `shown_path(path, path_key())` with that key finds it.
 """
