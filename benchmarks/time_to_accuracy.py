@@ -25,6 +25,7 @@ in parts (the table and plot are remade from all of them).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import subprocess
@@ -46,7 +47,7 @@ def train_one(name: str, seed: int, given: list[str], budget_minutes: float, neg
               out: Path, data_seed: int = 42, uri: str | None = None) -> dict:
     """Train one recipe through the real pipeline, predicting the test split after every epoch. `seed` varies the
     weights and the batches; the split stays the same for every recipe and seed (`data_seed`)."""
-    from medspark import pipeline, tracking
+    from medspark import pipeline, tracking, tta
     from medspark.backends import keras_fit
     from medspark.backends.api import TrainJob
     from medspark.backends.schedule import snapshot_ends
@@ -73,12 +74,16 @@ def train_one(name: str, seed: int, given: list[str], budget_minutes: float, neg
         val_ds = job.dataset("val", False, bs) if data.sizes["val"] else None
         result = keras_fit.fit(job, train_ds, val_ds, batch_size=bs, extra_callbacks=(curve,))
         rows = curve.rows
-        final = _scores(np.asarray(result.model.predict(x_test, batch_size=128, verbose=0)), y_test, data.classes,
+        predict = functools.partial(result.model.predict, batch_size=128, verbose=0)
+        final = _scores(np.asarray(predict(x_test)), y_test, data.classes,
                         negative)  # the weights fit() kept (early stopping restores the best)
+        # test-time augmentation measured on the same weights (a paired comparison, no training): evaluate.tta's views
+        final_tta = {mode: _scores(tta.predict(predict, x_test, mode), y_test, data.classes, negative)
+                     for mode in tta.MODES if mode != "none"}
         summary = {"recipe": name, "seed": seed, "given": given, "overrides": overrides, "run_id": stage.run.info.run_id,
                    "flops_per_image": flops_per_image(result.model), "params": int(result.model.count_params()),
                    "image_size": int(data.shape[0]), "train_images": int(data.sizes["train"]),
-                   "test_images": int(len(y_test)), "curve": rows, "final": final,
+                   "test_images": int(len(y_test)), "curve": rows, "final": final, "final_tta": final_tta,
                    "train_minutes": rows[-1]["minutes"] if rows else 0.0, "budget_minutes": budget_minutes}
         mlflow.log_metrics({"flops_per_image": summary["flops_per_image"], "params": summary["params"],
                             **{f"final_{k}": v for k, v in final.items() if isinstance(v, float)}})
@@ -147,7 +152,7 @@ def minutes_to(rows: list[dict], target: float) -> float:
 
 def table(results: list[dict]) -> str:
     """One row per recipe (mean and spread over seeds): final test accuracy (the model fit returned), balanced
-    accuracy, AUC, the best epoch's, training minutes; the minutes to reach the reference's (first recipe's) mean
+    accuracy with flip test-time augmentation (same weights), AUC, the best epoch's, training minutes; the minutes to reach the reference's (first recipe's) mean
     final accuracy, over the seeds that reached it, and their ratio to the reference's mean training minutes (its
     whole run: "the current recipe's accuracy in what fraction of its time"); FLOPs, parameters, recall per class,
     lesion sensitivity."""
@@ -158,7 +163,7 @@ def table(results: list[dict]) -> str:
     ref_acc = float(np.mean([r["final"]["test_accuracy"] for r in by[ref_name]]))
     ref_min = float(np.mean([r["train_minutes"] for r in by[ref_name]]))
     classes = [k[len("recall_"):] for k in results[0]["final"] if k.startswith("recall_")]
-    head = ["recipe", "seeds", "test accuracy", "balanced acc.", "AUC", "best epoch acc", "train min",
+    head = ["recipe", "seeds", "test accuracy", "with flip TTA", "balanced acc.", "AUC", "best epoch acc", "train min",
             f"min to {ref_acc:.3f} (seeds)", f"÷ {ref_min:.1f} min", "MFLOPs/img", "params",
             *[f"recall {c}" for c in classes], "lesion sens."]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -168,7 +173,8 @@ def table(results: list[dict]) -> str:
         got = [m for m in reach if not np.isnan(m)]
         balanced = [r["final"].get("balanced_accuracy", np.nanmean([r["final"][f"recall_{c}"] for c in classes]))
                     for r in rs]
-        cells = [name, str(len(rs)), _pm(acc), _pm(balanced), _pm([r["final"].get("auc", float("nan")) for r in rs]),
+        flip = [r["final_tta"]["flip"]["test_accuracy"] for r in rs if "final_tta" in r]  # runs before it: none
+        cells = [name, str(len(rs)), _pm(acc), _pm(flip) if flip else "-", _pm(balanced), _pm([r["final"].get("auc", float("nan")) for r in rs]),
                  _pm([max(x["test_accuracy"] for x in r["curve"]) for r in rs]),
                  _pm([r["train_minutes"] for r in rs], "{:.1f}"),
                  f"{_pm(got, '{:.1f}')} ({len(got)}/{len(rs)})",
