@@ -121,6 +121,7 @@ def test_every_experiment_composes(tmp_path, name):
     (["train.class_weight=balance"], "train.class_weight=balance must be one of null, balanced"),
     (["train.early_stopping.mode=up"], "train.early_stopping.mode=up must be one of auto, min, max"),
     (["train.augment.rotation=-1"], "train.augment.rotation=-1.0 must be >= 0"),
+    (["train.augment.zoom=-0.1"], "train.augment.zoom=-0.1 must be >= 0"),
     (["+train.epoch=2"], "train.epoch is not a setting of train; did you mean train.epochs?"),
     (["train.epochs=1.5"], "train.epochs=1.5 must be an integer"),
     # where data and runs go: one line now, not a Java stack trace after Spark or minutes of MLflow retries

@@ -151,10 +151,12 @@ class Augment:
     rotation: float  # max rotation as a fraction of a full turn
     brightness: float  # max brightness shift as a fraction of the pixel range
     contrast: float  # max contrast change factor (0 = off)
+    zoom: float = 0.0  # max zoom in or out as a fraction of the side (in: a random crop resized back; 0 = off)
+    translate: float = 0.0  # max shift as a fraction of the side, each axis (0 = off)
 
     @property
     def active(self) -> bool:
-        return bool(self.flip or self.rotation or self.brightness or self.contrast)
+        return bool(self.flip or self.rotation or self.brightness or self.contrast or self.zoom or self.translate)
 
 
 @dataclass(frozen=True)
@@ -201,7 +203,7 @@ _CHOICES = {"train.optimizer": OPTIMIZERS, "train.lr_schedule": LR_SCHEDULES, "t
             "train.early_stopping.mode": ES_MODES}
 _MINIMUM = {"train.epochs": 1, "train.batch_size": 1, "train.shuffle_buffer": 0, "train.weight_decay": 0,
             "train.early_stopping.patience": 0, "train.augment.rotation": 0, "train.augment.brightness": 0,
-            "train.augment.contrast": 0, "train.verbose": 0, "train.warmup_epochs": 0, "train.label_smoothing": 0,
+            "train.augment.contrast": 0, "train.augment.zoom": 0, "train.augment.translate": 0, "train.verbose": 0, "train.warmup_epochs": 0, "train.label_smoothing": 0,
             "train.ema": 0, "train.snapshots": 0}
 
 

@@ -101,6 +101,10 @@ def augment_layer(aug: Augment, seed: int):
         layers.append(keras.layers.RandomFlip("horizontal", seed=seed))
     if aug.rotation:
         layers.append(keras.layers.RandomRotation(aug.rotation, fill_mode="constant", seed=seed))
+    if aug.zoom:  # negative factors zoom in: a random crop, resized back to the input size
+        layers.append(keras.layers.RandomZoom((-aug.zoom, aug.zoom), fill_mode="constant", seed=seed))
+    if aug.translate:
+        layers.append(keras.layers.RandomTranslation(aug.translate, aug.translate, fill_mode="constant", seed=seed))
     if aug.brightness:
         layers.append(keras.layers.RandomBrightness(aug.brightness, value_range=(0, 255), seed=seed))
     if aug.contrast:
