@@ -52,3 +52,54 @@ def test_only_training_batches_are_augmented(training):
     got = np.concatenate([b for b, _ in batches(ds, 4, aug if training else None, seed=0).as_numpy_iterator()])
     assert Augment(**OFF).active is False and aug.active
     assert np.array_equal(got, x) is not training
+
+
+def test_mix_blends_images_and_targets_by_one_weight():
+    import tensorflow as tf
+
+    from medspark.data.loader import mix
+
+    x = np.random.default_rng(0).uniform(0, 255, (32, 8, 8, 1)).astype("float32")
+    y = np.eye(32, dtype="float32")  # every image its own class: a mixed row names the partner and the weight
+    xm, ym = (np.asarray(t) for t in mix(tf.constant(x), tf.constant(y), 0.4, seed=3))
+    np.testing.assert_allclose(ym.sum(1), 1, rtol=1e-6)  # still a distribution over the classes
+    lam = np.diag(ym).copy()
+    others = ym - np.diag(lam)
+    partner = np.where(others.max(1) > 0, others.argmax(1), np.arange(32))  # itself: left as it was
+    mixed = partner != np.arange(32)
+    assert mixed.sum() >= 16 and np.allclose(lam[mixed], lam[mixed][0])  # one weight for the whole batch
+    for i, j in enumerate(partner):  # the image is blended with the partner its target names, by the same weight
+        np.testing.assert_allclose(xm[i], lam[i] * x[i] + (1 - lam[i]) * x[j], rtol=1e-4, atol=1e-2)
+
+
+def test_mixup_trains_on_mixed_one_hot_batches_and_learns(spark, tmp_path):
+    from conftest import make_cfg
+    from medspark.backends import build
+    from medspark.backends.api import TrainJob
+    from medspark.data.loader import read_arrays
+    from medspark.data.sources import list_dataset
+    from medspark.pipeline import _materialize
+
+    cfg = make_cfg(tmp_path, ["dataset.generate.per_class=100", "dataset.generate.size=64",
+                              "preprocess.image_size=64", "train.epochs=8", "train.batch_size=16", "train.mixup=0.4",
+                              "train.verbose=0", "train.early_stopping.patience=0"])
+    data = _materialize(cfg, spark, list_dataset(cfg.dataset))
+    job = TrainJob.from_config(cfg, data)
+    _, y = next(iter(job.dataset("train", True, 16)))
+    _, y_val = next(iter(job.dataset("val", False, 16)))
+    assert y.shape == (16, 4) and np.allclose(np.sum(y, 1), 1) and not np.isin(np.asarray(y), [0, 1]).all()
+    assert np.isin(np.asarray(y_val), [0, 1]).all() and np.allclose(np.sum(y_val, 1), 1)  # val: one-hot, unmixed
+    result = build(cfg.backend).fit(job)
+    images, labels = read_arrays(data.split_url("test"))
+    accuracy = float((result.model.predict(images.astype("float32"), verbose=0).argmax(1) == labels).mean())
+    assert accuracy >= 0.6, f"4 classes (chance 0.25), mixup 0.4, 8 epochs: test accuracy {accuracy:.3f}"
+    assert {"accuracy", "val_accuracy"} <= set(result.history)
+
+
+def test_backends_that_do_not_mix_refuse_mixup(cfg_factory):
+    from medspark.config import ConfigError
+    from medspark.train import train
+
+    cfg = cfg_factory("train.mixup=0.2", "backend=elephas_sync")
+    with pytest.raises(ConfigError, match="train.mixup=0.2 but backend=elephas_sync does not mix its batches"):
+        train(cfg)

@@ -188,6 +188,7 @@ class TrainConfig:
     label_smoothing: float = 0.0  # targets (1 - e) on the class, e / K spread over all (single-label and multilabel)
     ema: float = 0.0  # keep an exponential moving average of the weights (per step, this momentum); 0 = off
     snapshots: int = 0  # >= 2: cosine restarts, the weights at each cycle's end kept, their soft vote is the model
+    mixup: float = 0.0  # > 0: training batches are mixed pairs, weight ~ Beta(mixup, mixup), targets mixed alike
 
     @classmethod
     def from_cfg(cls, train) -> "TrainConfig":
@@ -204,7 +205,7 @@ _CHOICES = {"train.optimizer": OPTIMIZERS, "train.lr_schedule": LR_SCHEDULES, "t
 _MINIMUM = {"train.epochs": 1, "train.batch_size": 1, "train.shuffle_buffer": 0, "train.weight_decay": 0,
             "train.early_stopping.patience": 0, "train.augment.rotation": 0, "train.augment.brightness": 0,
             "train.augment.contrast": 0, "train.augment.zoom": 0, "train.augment.translate": 0, "train.verbose": 0, "train.warmup_epochs": 0, "train.label_smoothing": 0,
-            "train.ema": 0, "train.snapshots": 0}
+            "train.ema": 0, "train.snapshots": 0, "train.mixup": 0}
 
 
 def _typed(cls, raw, key: str):

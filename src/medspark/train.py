@@ -27,11 +27,15 @@ def train(cfg: DictConfig, overrides: list[str] | tuple = (), spark=None) -> flo
     from .backends import build, snapshots
     from .backends.api import TrainJob
     from .backends.keras_fit import LiveMetrics
-    from .config import TrainConfig
+    from .config import ConfigError, TrainConfig
 
     backend = build(cfg.backend)  # a bad backend option is one line, before Spark starts
     resume.check(cfg, backend)
-    snapshots.check(TrainConfig.from_cfg(cfg.train), backend)
+    train_cfg = TrainConfig.from_cfg(cfg.train)
+    snapshots.check(train_cfg, backend)
+    if train_cfg.mixup and not getattr(backend, "supports_mixup", False):
+        raise ConfigError(f"train.mixup={train_cfg.mixup} but backend={backend.name} does not mix its batches "
+                          "(backends that do: single, mirrored); set train.mixup=0 or use one of those")
     with pipeline.data_run(cfg, overrides, spark, run_name=None, tags=pipeline.run_tags(cfg, overrides),
                            app_name=f"medspark-{cfg.dataset.name}") as stage, \
             tempfile.TemporaryDirectory(prefix="medspark-") as tmp:

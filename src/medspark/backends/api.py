@@ -63,7 +63,9 @@ class TrainJob:
                               seed=self.seed if seed is None else seed, augment=self.train.augment,
                               shuffle_buffer=self.train.shuffle_buffer, shard=shard, num_shards=num_shards,
                               pool=pool, workers=workers, rows=None if num_shards else d.sizes[split],
-                              num_classes=len(d.classes) if d.multilabel else None)
+                              num_classes=len(d.classes) if d.multilabel else None,
+                              one_hot=len(d.classes) if self.train.mixup and not d.multilabel else None,
+                              mixup=self.train.mixup)
 
     def arrays(self, split: str, limit: int | None = None):
         """A whole (small) split in memory: (images, class labels or multi-hot targets), as the model trains on."""

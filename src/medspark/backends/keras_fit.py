@@ -26,11 +26,14 @@ def loss_and_metrics(job: TrainJob) -> tuple[Any, list]:
     """The job's task decides: integer class labels and a softmax (sparse categorical cross-entropy, accuracy), or
     multi-hot findings and one sigmoid each (binary cross-entropy, positives weighted per finding with
     train.class_weight=balanced; binary accuracy as `accuracy`, and the mean ROC-AUC over findings as `auc`).
-    train.label_smoothing softens the targets of either (losses.SmoothedSparseCE for class labels)."""
+    train.label_smoothing softens the targets of either (losses.SmoothedSparseCE for class labels); with
+    train.mixup class labels come as one-hot rows (categorical cross-entropy)."""
     import keras
 
     smooth = job.train.label_smoothing
     if not job.data.multilabel:
+        if job.train.mixup:  # its targets are one-hot rows (TrainJob.dataset), mixed in training batches
+            return keras.losses.CategoricalCrossentropy(label_smoothing=smooth), ["accuracy"]
         if not smooth:
             return "sparse_categorical_crossentropy", ["accuracy"]
         from .losses import SmoothedSparseCE

@@ -43,6 +43,7 @@ def devices(gpus: int | None, cpu_replicas: int) -> list[str]:
 class Mirrored:
     supports_resume = True  # keras_fit with the job's checkpoint: train.resume=true continues a killed run
     supports_snapshots = True  # the fitted model stays here: train.snapshots can vote (backends/snapshots.py)
+    supports_mixup = True  # trains on TrainJob.dataset, whose batches train.mixup mixes
 
     def __init__(self, gpus: int | None = None, cpu_replicas: int = 2, per_replica_batch: int | None = None):
         self.gpus, self.cpu_replicas, self.per_replica_batch = gpus, cpu_replicas, per_replica_batch

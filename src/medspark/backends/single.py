@@ -9,6 +9,7 @@ from .placement import limit_threads
 class Single:
     supports_resume = True  # keras_fit with the job's checkpoint: train.resume=true continues a killed run
     supports_snapshots = True  # the fitted model stays here: train.snapshots can vote (backends/snapshots.py)
+    supports_mixup = True  # trains on TrainJob.dataset, whose batches train.mixup mixes
 
     def __init__(self, intra_op_threads: int | str | None = None, inter_op_threads: int | None = None,
                  reader_pool: str = "dummy", reader_workers: int = 4):

@@ -115,9 +115,11 @@ def augment_layer(aug: Augment, seed: int):
 def dataset(url: str, shape: tuple[int, int, int], batch_size: int, training: bool, seed: int = 0,
             augment: Augment | None = None, shuffle_buffer: int = 0, shard: int | None = None,
             num_shards: int | None = None, workers: int = 4, pool: str = "dummy", rows: int | None = None,
-            num_classes: int | None = None):
+            num_classes: int | None = None, one_hot: int | None = None, mixup: float = 0.0):
     """A tf.data.Dataset of (float32 images in [0, 255], targets) batches from a Petastorm split: int32 class
-    labels, or with `num_classes` (multilabel) float32 multi-hot rows of that many findings.
+    labels, or with `num_classes` (multilabel) float32 multi-hot rows of that many findings; `one_hot`: class labels
+    as float32 one-hot rows of that many classes (the soft targets mixup needs, on every split alike); `mixup`:
+    training batches mixed (`batches`).
     rows: the split's row count when the whole split is read (gives Keras its progress totals)."""
     import tensorflow as tf
 
@@ -135,16 +137,35 @@ def dataset(url: str, shape: tuple[int, int, int], batch_size: int, training: bo
         ds = ds.apply(tf.data.experimental.assert_cardinality(rows))
     if training and shuffle_buffer > 1:
         ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
-    return batches(ds, batch_size, augment if training else None, seed)
+    return batches(ds, batch_size, augment if training else None, seed, one_hot, mixup if training else 0.0)
 
 
-def batches(ds, batch_size: int, augment: Augment | None, seed: int):
-    """The tail every training input shares: (uint8 image, label) rows -> float32 batches, augmented when
-    `augment` is given and active, prefetched."""
+def batches(ds, batch_size: int, augment: Augment | None, seed: int, one_hot: int | None = None,
+            mixup: float = 0.0):
+    """The tail every training input shares: (uint8 image, label) rows -> float32 batches (labels one-hot rows of
+    `one_hot` classes if given), augmented when `augment` is given and active, mixed when `mixup` > 0 (`mix`),
+    prefetched."""
     import tensorflow as tf
 
-    ds = ds.batch(batch_size).map(lambda x, y: (tf.cast(x, tf.float32), y), num_parallel_calls=tf.data.AUTOTUNE)
+    def cast(x, y):
+        return tf.cast(x, tf.float32), (tf.one_hot(y, one_hot) if one_hot else y)
+
+    ds = ds.batch(batch_size).map(cast, num_parallel_calls=tf.data.AUTOTUNE)
     if augment is not None and augment.active:
         layer = augment_layer(augment, seed)
         ds = ds.map(lambda x, y: (layer(x, training=True), y), num_parallel_calls=tf.data.AUTOTUNE)
+    if mixup:
+        ds = ds.map(lambda x, y: mix(x, y, mixup, seed), num_parallel_calls=tf.data.AUTOTUNE)
     return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def mix(x, y, alpha: float, seed: int):
+    """mixup (Zhang et al. 2018) of one batch: every image blended with another of the batch (a random pairing) by
+    one weight lam ~ Beta(alpha, alpha), its float targets (one-hot or multi-hot) by the same lam."""
+    import tensorflow as tf
+
+    g = tf.random.gamma([2], alpha, seed=seed)  # Beta(a, a) = G1 / (G1 + G2)
+    lam = g[0] / (g[0] + g[1])
+    pair = tf.random.shuffle(tf.range(tf.shape(x)[0]), seed=seed)
+    y = tf.cast(y, tf.float32)
+    return lam * x + (1 - lam) * tf.gather(x, pair), lam * y + (1 - lam) * tf.gather(y, pair)
