@@ -201,7 +201,7 @@ def test_tensorflow_grpc_servers_listen_on_every_interface_known_limitation(tmp_
 # ---------------------------------------------------------------- no pickles between our own processes
 
 def test_barrier_results_travel_as_arrays_and_json_not_pickles():
-    from medspark.backends.spark_barrier import dump_result, load_result
+    from medspark.backends.api import dump_result, load_result
 
     weights = [np.arange(6, dtype=np.float32).reshape(2, 3), np.zeros((0,), np.float64), np.int64(7)]
     out = load_result(dump_result({"weights": weights, "history": {"loss": [1.5, 1.0]}, "fit_seconds": 2.5,

@@ -115,3 +115,34 @@ class Backend(Protocol):
     supports_resume: ClassVar[bool]  # fit honours job.checkpoint (train.resume=true continues a killed run)
 
     def fit(self, job: TrainJob) -> TrainResult: ...
+
+
+def dump_result(out: dict) -> bytes:
+    """Weights and facts that travel between processes or through storage (a spark_barrier worker's result, a
+    snapshot in the resume checkpoint) as an .npz: the weights as arrays w0..wN, everything else (history, times,
+    addresses: plain numbers and strings) as JSON. Read back with allow_pickle=False (`load_result`), so the bytes
+    can carry data but never code."""
+    import io
+    import json
+
+    import numpy as np
+
+    out = dict(out)
+    arrays = {f"w{i}": np.asarray(w) for i, w in enumerate(out.pop("weights", None) or [])}
+    buf = io.BytesIO()
+    np.savez(buf, meta=np.array(json.dumps(out)), **arrays)
+    return buf.getvalue()
+
+
+def load_result(blob: bytes) -> dict:
+    import io
+    import json
+
+    import numpy as np
+
+    with np.load(io.BytesIO(blob), allow_pickle=False) as npz:
+        out = json.loads(str(npz["meta"]))
+        n = sum(1 for k in npz.files if k.startswith("w") and k[1:].isdigit())
+        if n:
+            out["weights"] = [npz[f"w{i}"] for i in range(n)]
+    return out

@@ -98,9 +98,9 @@ def _name(end: int) -> str:
 
 
 def _save(checkpoint, end: int, weights) -> None:
-    """The snapshot of cycle end `end` into the resume checkpoint (arrays, never a pickle: spark_barrier's format)."""
+    """The snapshot of cycle end `end` into the resume checkpoint (arrays, never a pickle: api.dump_result)."""
     if checkpoint is not None:
-        from .spark_barrier import dump_result
+        from .api import dump_result
 
         checkpoint.put(_name(end), dump_result({"weights": weights}))
 
@@ -110,7 +110,7 @@ def _load(checkpoint, end: int) -> list[np.ndarray] | None:
     blob = checkpoint.get(_name(end)) if checkpoint is not None else None
     if blob is None:
         return None
-    from .spark_barrier import load_result
+    from .api import load_result
 
     try:
         return load_result(blob)["weights"]

@@ -67,7 +67,7 @@ import uuid
 from dataclasses import dataclass
 
 from . import keras_fit
-from .api import BackendError, TrainJob, TrainResult
+from .api import BackendError, TrainJob, TrainResult, dump_result, load_result
 from .placement import free_port, host, limit_threads, require_slots, task_slots
 
 log = logging.getLogger(__name__)
@@ -390,36 +390,6 @@ def explain(e: Exception) -> str:
         return f"backend={NAME} failed on the executors: {msg[:end if end > 0 else 4000][:4000].rstrip()}"
     first = text.strip().splitlines()[0] if text.strip() else type(e).__name__
     return f"backend={NAME} failed on the executors: {first[:1000]} (see the executor logs)"
-
-
-def dump_result(out: dict) -> bytes:
-    """A worker's result as an .npz: the weights as arrays w0..wN, everything else (history, times, addresses:
-    plain numbers and strings) as JSON. Read back with allow_pickle=False, so the bytes that travel from the
-    child to its task and from the chief's task to the driver can carry data but never code."""
-    import io
-    import json
-
-    import numpy as np
-
-    out = dict(out)
-    arrays = {f"w{i}": np.asarray(w) for i, w in enumerate(out.pop("weights", None) or [])}
-    buf = io.BytesIO()
-    np.savez(buf, meta=np.array(json.dumps(out)), **arrays)
-    return buf.getvalue()
-
-
-def load_result(blob: bytes) -> dict:
-    import io
-    import json
-
-    import numpy as np
-
-    with np.load(io.BytesIO(blob), allow_pickle=False) as npz:
-        out = json.loads(str(npz["meta"]))
-        n = sum(1 for k in npz.files if k.startswith("w") and k[1:].isdigit())
-        if n:
-            out["weights"] = [npz[f"w{i}"] for i in range(n)]
-    return out
 
 
 # ------------------------------------------------------------ executor: the barrier task
