@@ -44,15 +44,17 @@ EXPERIMENT = "medspark-bench-time-to-accuracy"
 # ---------------------------------------------------------------- one (recipe, seed): runs in its own process
 
 def train_one(name: str, seed: int, given: list[str], budget_minutes: float, negative: str | None,
-              out: Path, data_seed: int = 42, uri: str | None = None) -> dict:
+              out: Path, data_seed: int = 42, uri: str | None = None, subsets: dict | None = None) -> dict:
     """Train one recipe through the real pipeline, predicting the test split after every epoch. `seed` varies the
-    weights and the batches; the split stays the same for every recipe and seed (`data_seed`)."""
+    weights and the batches; the split stays the same for every recipe and seed (`data_seed`). `subsets`: name ->
+    a path fragment; the final weights are also scored on the test rows whose source path contains it."""
     from medspark import pipeline, tracking, tta
     from medspark.backends import keras_fit
     from medspark.backends.api import TrainJob
     from medspark.backends.schedule import snapshot_ends
     from medspark.cli import import_tensorflow
     from medspark.config import compose_project_config
+    from medspark.data import loader
     from medspark.models import flops_per_image
 
     overrides = [*given, *([f"tracking.uri={uri}"] if uri else []), f"seed={seed}", f"split.seed={data_seed}",
@@ -66,7 +68,8 @@ def train_one(name: str, seed: int, given: list[str], budget_minutes: float, neg
         import_tensorflow()
         data = stage.data
         job = TrainJob.from_config(cfg, data)
-        x_test, y_test = job.arrays("test")
+        test = loader.read_split(data.split_url("test"), ("image", "label", "path"))  # one pass: rows aligned
+        x_test, y_test = test["image"], test["label"].astype("int32")
         curve = _curve_callback(x_test, y_test, data.classes, negative, budget_minutes,
                                 snapshot_ends(job.train))
         bs = job.train.batch_size
@@ -75,8 +78,15 @@ def train_one(name: str, seed: int, given: list[str], budget_minutes: float, neg
         result = keras_fit.fit(job, train_ds, val_ds, batch_size=bs, extra_callbacks=(curve,))
         rows = curve.rows
         predict = functools.partial(result.model.predict, batch_size=128, verbose=0)
-        final = _scores(np.asarray(predict(x_test)), y_test, data.classes,
-                        negative)  # the weights fit() kept (early stopping restores the best)
+        probs = np.asarray(predict(x_test))
+        final = _scores(probs, y_test, data.classes, negative)  # the weights fit() kept (early stopping: the best)
+        final_subsets = {}
+        for sub, fragment in (subsets or {}).items():
+            keep = np.array([fragment in str(p) for p in test["path"]])
+            if not keep.any():
+                raise SystemExit(f"--subset {sub}={fragment}: no test image's path contains {fragment!r}")
+            final_subsets[sub] = {"images": int(keep.sum()), **_scores(probs[keep], y_test[keep], data.classes,
+                                                                         negative)}
         # test-time augmentation measured on the same weights (a paired comparison, no training): evaluate.tta's views
         final_tta = {mode: _scores(tta.predict(predict, x_test, mode), y_test, data.classes, negative)
                      for mode in tta.MODES if mode != "none"}
@@ -84,6 +94,7 @@ def train_one(name: str, seed: int, given: list[str], budget_minutes: float, neg
                    "flops_per_image": flops_per_image(result.model), "params": int(result.model.count_params()),
                    "image_size": int(data.shape[0]), "train_images": int(data.sizes["train"]),
                    "test_images": int(len(y_test)), "curve": rows, "final": final, "final_tta": final_tta,
+                   "final_subsets": final_subsets,
                    "train_minutes": rows[-1]["minutes"] if rows else 0.0, "budget_minutes": budget_minutes}
         mlflow.log_metrics({"flops_per_image": summary["flops_per_image"], "params": summary["params"],
                             **{f"final_{k}": v for k, v in final.items() if isinstance(v, float)}})
@@ -151,11 +162,12 @@ def minutes_to(rows: list[dict], target: float) -> float:
 
 
 def table(results: list[dict]) -> str:
-    """One row per recipe (mean and spread over seeds): final test accuracy (the model fit returned), balanced
-    accuracy with flip test-time augmentation (same weights), AUC, the best epoch's, training minutes; the minutes to reach the reference's (first recipe's) mean
-    final accuracy, over the seeds that reached it, and their ratio to the reference's mean training minutes (its
-    whole run: "the current recipe's accuracy in what fraction of its time"); FLOPs, parameters, recall per class,
-    lesion sensitivity."""
+    """One row per recipe (mean and spread over seeds): final test accuracy (the model fit returned), the same with
+    flip test-time augmentation (same weights), balanced accuracy, AUC, the best epoch's accuracy, training minutes;
+    the minutes to reach the reference's (first recipe's) mean final accuracy, over the seeds that reached it, and
+    their ratio to the reference's mean training minutes (its whole run: "the current recipe's accuracy in what
+    fraction of its time"); FLOPs, parameters, recall per class, lesion sensitivity. Then, with --subset, the final
+    scores on each subset of the test split."""
     by: dict[str, list[dict]] = {}
     for r in results:
         by.setdefault(r["recipe"], []).append(r)
@@ -183,6 +195,16 @@ def table(results: list[dict]) -> str:
                  *[_pm([r["final"][f"recall_{c}"] for r in rs]) for c in classes],
                  _pm([r["final"].get("lesion_sensitivity", float("nan")) for r in rs])]
         lines.append("| " + " | ".join(cells) + " |")
+    subsets = sorted({k for r in results for k in r.get("final_subsets", {})})
+    if subsets:
+        lines += ["", "| recipe | seeds | test subset | images | accuracy | balanced acc. | AUC |", "|---|---|---|---|---|---|---|"]
+        for name, rs in by.items():
+            for sub in subsets:
+                got = [r["final_subsets"][sub] for r in rs if sub in r.get("final_subsets", {})]
+                if got:
+                    lines.append(f"| {name} | {len(got)} | {sub} | {got[0]['images']} | "
+                                 f"{_pm([g['test_accuracy'] for g in got])} | "
+                                 f"{_pm([g['balanced_accuracy'] for g in got])} | {_pm([g['auc'] for g in got])} |")
     return "\n".join(lines) + "\n"
 
 
@@ -232,13 +254,20 @@ def main(argv=None) -> None:
     results_folder.add_arguments(ap)
     ap.add_argument("--name", default="time_to_accuracy",
                     help="the comparison's file names: <name>.md, .png, .json and <name>_runs/")
+    ap.add_argument("--subset", action="append", default=[], metavar="NAME=PATH_FRAGMENT",
+                    help="also score the final weights on the test images whose path contains PATH_FRAGMENT, e.g. "
+                         "official=/test/ (a dataset's own test folder among the images moved into the test split)")
     ap.add_argument("--one", nargs=3, metavar=("NAME", "SEED", "JSON"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
     negative = None if args.negative == "none" else args.negative
     args.seeds = [int(s) for word in args.seeds for s in word.split()]
+    if any("=" not in s for s in args.subset):
+        sys.exit(f"--subset takes NAME=PATH_FRAGMENT, got {args.subset}")
+    subsets = dict(s.split("=", 1) for s in args.subset)
     if args.one:
         name, seed, out = args.one
-        train_one(name, int(seed), common, args.budget_minutes, negative, Path(out), args.data_seed, args.uri)
+        train_one(name, int(seed), common, args.budget_minutes, negative, Path(out), args.data_seed, args.uri,
+                  subsets)
         return
     recipes = [r.split("=", 1) if "=" in r else (r, "") for r in args.recipe] or [("current", "")]
     if len({n for n, _ in recipes}) < len(recipes):
@@ -262,7 +291,7 @@ def main(argv=None) -> None:
                     continue
             cmd = [sys.executable, __file__, "--one", name, str(seed), str(out), "--uri", args.uri,
                    "--budget-minutes", str(args.budget_minutes), "--negative", args.negative,
-                   "--data-seed", str(args.data_seed), "--", *overrides]
+                   "--data-seed", str(args.data_seed), *[f"--subset={s}" for s in args.subset], "--", *overrides]
             print(f"\n### {name} seed {seed}: {' '.join(overrides)}", flush=True)
             t = time.perf_counter()
             out.unlink(missing_ok=True)

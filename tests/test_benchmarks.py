@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -90,7 +91,7 @@ def test_time_to_accuracy_curves_table_and_resume(tmp_path):
     out, uri = tmp_path / "out", f"sqlite:///{tmp_path}/m.db"
     argv = [sys.executable, str(ROOT / "benchmarks" / "time_to_accuracy.py"),
             "--recipe", "ref=model=small_cnn", "--recipe", "new=model=res_cnn train.optimizer=adamw",
-            "--seeds", "7", "--negative", "none", "--out", str(out), "--uri", uri, "--",
+            "--seeds", "7", "--negative", "none", "--out", str(out), "--uri", uri, "--subset", "gliomas=/glioma/", "--",
             "dataset=synthetic", "dataset.generate.per_class=10", "dataset.generate.size=32",
             "preprocess.image_size=32", "train.epochs=2", "train.batch_size=8", f"paths.work_dir={tmp_path}/work",
             f"tracking.artifact_location={tmp_path}/artifacts", f"hydra.run.dir={tmp_path}/outputs"]
@@ -101,6 +102,10 @@ def test_time_to_accuracy_curves_table_and_resume(tmp_path):
         assert [p["epoch"] for p in r["curve"]] == [1, 2]
         assert 0 < r["curve"][0]["minutes"] < r["curve"][1]["minutes"]
         assert 0.0 <= r["final"]["test_accuracy"] <= 1.0 and r["flops_per_image"] > 0 and r["params"] > 0
+        assert set(r["final_tta"]) == {"flip", "flip_shift"}  # test-time augmentation on the same weights
+        gliomas = r["final_subsets"]["gliomas"]  # the test images of one folder, scored alone
+        assert 0 < gliomas["images"] < r["test_images"] and np.isnan(gliomas["recall_notumor"])  # none of the others
+        assert gliomas["test_accuracy"] == pytest.approx(gliomas["recall_glioma"])
     assert results[1]["flops_per_image"] < results[0]["flops_per_image"]  # res_cnn: fewer multiply-adds at 32 px
     table = (out / "time_to_accuracy.md").read_text().splitlines()
     assert table[2].startswith("| ref | 1 |") and table[3].startswith("| new | 1 |")
