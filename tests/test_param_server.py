@@ -243,3 +243,32 @@ def test_workers_that_cannot_reach_the_server_fail_in_one_line_naming_it(spark, 
                                                    r"/parameters after 2 tries \(ConnectionRefusedError") as e:
         train(cfg, overrides=["backend=elephas_async"], spark=spark)
     assert "\n" not in str(e.value) and time.perf_counter() - start < 300
+
+
+def test_a_flood_of_connections_is_bounded_and_the_workers_get_through_after_it():
+    """A stranger holds more idle connections than max_connections: the ones beyond are closed at once, unread and
+    counted (503, no thread each); when the idle ones time out, a worker's client is answered again."""
+    with ParamServer(WEIGHTS, "asynchronous", "127.0.0.1", timeout_s=1, max_connections=4) as server:
+        server.start()
+        client = server.client("127.0.0.1", retries=0)
+        flood = [socket.create_connection(("127.0.0.1", server.port), timeout=5) for _ in range(10)]
+        try:
+            start, closed = time.perf_counter(), 0
+            for s in flood[4:]:
+                closed += s.recv(10) == b""  # closed by the server without an answer
+            assert closed == 6 and time.perf_counter() - start < 0.5  # at once, not after timeout_s
+            assert server.stats()["by_status"] == {503: 6}
+            handlers = [t for t in threading.enumerate() if "process_request_thread" in t.name]
+            assert len(handlers) == 4  # one thread per held connection, none for the refused ones
+        finally:
+            for s in flood:
+                s.close()
+        deadline = time.time() + 5
+        while True:  # the handlers of the closed idle connections end (their read sees EOF)
+            try:
+                assert [w.tolist() for w in client.get_parameters()] == [w.tolist() for w in WEIGHTS]
+                break
+            except ParameterServerError:
+                if time.time() > deadline:
+                    raise
+                time.sleep(0.1)

@@ -12,7 +12,9 @@ model's weights, known to both sides, so a body is parsed with `np.frombuffer` (
 unless its size is exact; non-finite deltas are refused too (they would destroy the model). Every refused
 request is counted by reason (`stats`); the lock (`asynchronous` only; `hogwild` applies without one) is taken
 only to apply an update already validated, or to copy the weights, so nothing a client sends can keep it.
-Idle or slow connections are closed after `timeout_s`. Traffic is not encrypted: docs/SECURITY.md.
+Idle or slow connections are closed after `timeout_s`, and at most `max_connections` are open at once (a thread
+each): one more is closed unread and counted as 503, so a flood of connections costs neither threads nor memory
+beyond that bound (workers retry, `ParamClient`). Traffic is not encrypted: docs/SECURITY.md.
 """
 from __future__ import annotations
 
@@ -70,7 +72,8 @@ class ParamServer:
     of `mode` (asynchronous: updates one at a time; hogwild: lock-free). Binds in the constructor, so a port in
     use fails before any training starts; serves from `start()` until `stop()` (both idempotent)."""
 
-    def __init__(self, weights, mode: str, host: str, port: int = 0, timeout_s: float = 60.0):
+    def __init__(self, weights, mode: str, host: str, port: int = 0, timeout_s: float = 60.0,
+                 max_connections: int = 64):
         self.layout = Layout(weights)
         self.weights = [np.array(w, dtype=d) for w, (_, d) in zip(weights, self.layout.specs)]  # own, writable
         self.timeout_s = float(timeout_s)
@@ -90,6 +93,7 @@ class ParamServer:
             raise BackendError(f"the parameter server cannot listen on {host}:{port} ({e.strerror}); check "
                                "backend.bind_host and backend.port") from None
         self.httpd.ps = self
+        self.httpd.slots = threading.BoundedSemaphore(max(1, int(max_connections)))
         self.host, self.port = host, self.httpd.server_address[1]
         self._thread: threading.Thread | None = None
 
@@ -166,6 +170,24 @@ class _HTTPServer(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 64
     ps: ParamServer
+    slots: threading.BoundedSemaphore  # open connections (one handler thread each), at most max_connections
+
+    def process_request(self, request, client_address):
+        if not self.slots.acquire(blocking=False):  # full: no thread, nothing read, the socket closed
+            self.ps.refused(503, client_address[0], "a connection (max_connections open)")
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)  # a handler thread: process_request_thread
+        except BaseException:
+            self.slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
 
     def server_bind(self):  # HTTPServer's would look the host up in DNS (getfqdn): slow, and nothing uses it
         socketserver.TCPServer.server_bind(self)
