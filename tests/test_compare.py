@@ -359,6 +359,7 @@ def test_a_binary_run_logs_intervals_operating_points_and_ships_its_threshold(tw
 
         shipped = scale_thresholds({"notumor": ops["threshold"][0]}, m["temperature"], "binary", ["glioma", "notumor"])
         assert clf.metadata.metadata["medspark"]["thresholds"] == pytest.approx(shipped)
+        assert shipped == pytest.approx({"notumor": ops["shipped_threshold"][0]})  # the CSV says what ships
         preds = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=rid,
                                                                 artifact_path="evaluation/test_predictions.csv"))
         assert list(preds.columns) == ["sha1", "label", "prob_glioma", "prob_notumor"] and len(preds) == m["test_n"]

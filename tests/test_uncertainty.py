@@ -192,6 +192,7 @@ def test_a_multilabel_run_with_patients_resamples_patients(spark, tmp_path):
     chosen = dict(zip(ops["class"], ops["threshold"]))
     assert set(ops["rule"]) == {"f1"} and scale_thresholds(chosen, m["temperature"], "multilabel", list(chosen)) == \
         pytest.approx(thresholds)
+    assert dict(zip(ops["class"], ops["shipped_threshold"])) == pytest.approx(thresholds)  # what the model applies
     preds = pd.read_csv(load("test_predictions.csv"))
     findings = list(thresholds)
     assert list(preds.columns) == ["sha1", *(f"true_{f}" for f in findings), *(f"prob_{f}" for f in findings)]

@@ -702,6 +702,10 @@ def evaluate_split(model, data, out_dir, history=None, options: Mapping | None =
                                                                       rule, thresholds=thresholds)
     if op_rows:
         metrics |= op_metrics
+        for r in op_rows:  # the same decision on the scale the classifier answers (calibrated probabilities)
+            t = r.get("threshold")
+            r["shipped_threshold"] = t if t is None or cal.temperature == 1.0 else calibration.scale_thresholds(
+                {r["class"]: t}, cal.temperature, data.task, data.classes)[r["class"]]
         files.append(operating_points.write_csv(op_rows, out / "operating_points.csv"))
     metrics.update(cal.metrics)
     files += cal.files

@@ -14,7 +14,9 @@ The threshold is placed halfway between the chosen validation score and the next
 the same), so the validation decisions are exactly the chosen ones. Then on the test split: sensitivity,
 specificity, PPV and NPV at it, and the sensitivity at fixed specificities 0.90 and 0.95 read off the test ROC
 (the best sensitivity among thresholds whose test specificity reaches the target): `operating_point_metrics`,
-written to evaluation/operating_points.csv (OP_COLUMNS).
+written to evaluation/operating_points.csv (OP_COLUMNS): `threshold` on the network's own probabilities, where it
+was chosen and the metrics are computed, and `shipped_threshold`, the same decision on the temperature-scaled
+probabilities the packaged classifier answers (calibration.scale_thresholds; equal without calibration).
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ import numpy as np
 RULES = ("auto", "youden", "f1", "sensitivity:<target>", "specificity:<target>")
 FIXED_SPECIFICITIES = (0.90, 0.95)
 DEFAULT_THRESHOLD = 0.5  # no validation split, or no positive (negative) in it
-OP_COLUMNS = ("class", "key", "rule", "threshold", "val_sensitivity", "val_specificity", "sensitivity", "specificity",
+OP_COLUMNS = ("class", "key", "rule", "threshold", "shipped_threshold", "val_sensitivity", "val_specificity", "sensitivity", "specificity",
               "ppv", "npv", "tp", "fp", "fn", "tn", "sensitivity_at_spec_90", "sensitivity_at_spec_95")
 
 
