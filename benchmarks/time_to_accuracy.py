@@ -7,7 +7,9 @@
 
 Each (recipe, seed) trains in its own process (a fresh TensorFlow) through the real pipeline: the dataset is listed,
 preprocessed on Spark and read from Petastorm as `medspark` does, the model is built from `conf/model/` and trained
-by the one fit path (backends/keras_fit.fit, as backend=single). After every epoch the test split is predicted (its
+by the one fit path (backends/keras_fit.fit, as backend=single). A recipe with another backend (backend=ensemble:
+bagging, its members trained at once as Spark tasks) is trained by that backend and scored once, at the end of its
+fit (one point at its wall-clock minutes). After every epoch the test split is predicted (its
 time is not counted as training time) and recorded: training minutes so far, test accuracy, recall per class, and the
 sensitivity for "any lesion" (--negative names the class whose confusion with the others is the costly error:
 `notumor` calls a tumour "no tumour"). Training stops after --budget-minutes of training time. The model's
@@ -64,22 +66,35 @@ def train_one(name: str, seed: int, given: list[str], budget_minutes: float, neg
     with pipeline.data_run(cfg, overrides, run_name=None, tags=tags, app_name=f"bench-tta-{name}") as stage:
         import mlflow
 
-        stage.stop_spark()
-        import_tensorflow()
         data = stage.data
-        job = TrainJob.from_config(cfg, data)
+        spread = str(cfg.backend.name) != "single"  # e.g. ensemble: trains in Spark tasks, scored once, at its end
+        if not spread:
+            stage.stop_spark()
+        import_tensorflow()
+        job = TrainJob.from_config(cfg, data, spark=stage.spark)
         test = loader.read_split(data.split_url("test"), ("image", "label", "path"))  # one pass: rows aligned
         x_test, y_test = test["image"], test["label"].astype("int32")
-        curve = _curve_callback(x_test, y_test, data.classes, negative, budget_minutes,
-                                snapshot_ends(job.train))
-        bs = job.train.batch_size
-        train_ds = job.dataset("train", True, bs)
-        val_ds = job.dataset("val", False, bs) if data.sizes["val"] else None
-        result = keras_fit.fit(job, train_ds, val_ds, batch_size=bs, extra_callbacks=(curve,))
-        rows = curve.rows
+        if spread:
+            from medspark.backends import build
+
+            result = build(cfg.backend).fit(job)
+        else:
+            curve = _curve_callback(x_test, y_test, data.classes, negative, budget_minutes,
+                                    snapshot_ends(job.train))
+            bs = job.train.batch_size
+            train_ds = job.dataset("train", True, bs)
+            val_ds = job.dataset("val", False, bs) if data.sizes["val"] else None
+            result = keras_fit.fit(job, train_ds, val_ds, batch_size=bs, extra_callbacks=(curve,))
         predict = functools.partial(result.model.predict, batch_size=128, verbose=0)
         probs = np.asarray(predict(x_test))
         final = _scores(probs, y_test, data.classes, negative)  # the weights fit() kept (early stopping: the best)
+        if spread:  # one point: the backend's whole fit (its wall time: parallel members overlap)
+            rows = [{"epoch": job.train.epochs, "minutes": result.train_seconds / 60, **final,
+                     "val_accuracy": float("nan")}]
+            mlflow.log_metrics({f"curve_{k}": float(v) for k, v in rows[0].items() if k != "epoch"},
+                               step=job.train.epochs)
+        else:
+            rows = curve.rows
         final_subsets = {}
         for sub, fragment in (subsets or {}).items():
             keep = np.array([fragment in str(p) for p in test["path"]])
@@ -225,7 +240,9 @@ def plot(results: list[dict], path: Path) -> None:
     colors = {}
     for r in results:
         c = colors.setdefault(r["recipe"], f"C{len(colors)}")
-        ax.plot([x["minutes"] for x in r["curve"]], [x["test_accuracy"] for x in r["curve"]], "-o", ms=2.5, color=c,
+        one = len(r["curve"]) == 1  # a backend scored once, at its end (ensemble): a square
+        ax.plot([x["minutes"] for x in r["curve"]], [x["test_accuracy"] for x in r["curve"]], "s" if one else "-o",
+                ms=7 if one else 2.5, color=c,
                 label=r["recipe"] if sum(1 for q in results if q["recipe"] == r["recipe"]) == 1 or r["seed"] ==
                 min(q["seed"] for q in results if q["recipe"] == r["recipe"]) else None)
     ax.set_xlabel("training minutes")
