@@ -72,6 +72,7 @@ def test_mix_blends_images_and_targets_by_one_weight():
         np.testing.assert_allclose(xm[i], lam[i] * x[i] + (1 - lam[i]) * x[j], rtol=1e-4, atol=1e-2)
 
 
+@pytest.mark.slow
 def test_mixup_trains_on_mixed_one_hot_batches_and_learns(spark, tmp_path):
     from conftest import make_cfg
     from medspark.backends import build
