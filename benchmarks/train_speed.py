@@ -11,13 +11,16 @@ from `conf/model/` exactly as training builds it (TrainJob's builder) and compil
 the run's optimizer (AdamW here, the res_cnn recipe's), plus the variant's `jit_compile`. A process compiles and
 warms up for --warmup steps, then times --steps steps --repeats times; the median is reported, with the spread.
 Speed only: a faster setting must still be checked on the time-to-accuracy curve (numerics change with bfloat16).
-Results: benchmarks/results/train_speed_<model>.md and .json with --save-results (results_folder.py).
+Results: an MLflow run in the experiment `medspark-bench-train-speed` (images/s per variant as metrics, the table and
+the JSON as artifacts); benchmarks/results/train_speed_<model>.md and .json with --save-results (results_folder.py).
+    mlflow run . -e bench_train_speed -P model=res_cnn --env-manager local
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -28,6 +31,7 @@ import numpy as np
 import results_folder  # benchmarks/results_folder.py: where the result files go
 
 ROOT = Path(__file__).resolve().parents[1]
+EXPERIMENT = "medspark-bench-train-speed"
 CORES = os.cpu_count() or 1
 # name: (jit_compile, policy, intra-op threads, inter-op threads); None = TensorFlow's default
 VARIANTS = {
@@ -124,6 +128,7 @@ def main(argv=None) -> None:
     ap.add_argument("--warmup", type=int, default=15, help="steps before timing (compilation, oneDNN caches)")
     ap.add_argument("--steps", type=int, default=30, help="steps per timed repeat")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--uri", default=f"sqlite:///{ROOT}/mlruns.db", help="MLflow tracking URI")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     results_folder.add_arguments(ap)
     args = ap.parse_args(argv)
@@ -153,8 +158,24 @@ def main(argv=None) -> None:
     print("\n" + md)
     out = results_folder.folder(args)
     name = f"train_speed_{args.model}"
-    (out / f"{name}.md").write_text(md)
-    (out / f"{name}.json").write_text(json.dumps(rows, indent=1))
+    files = [out / f"{name}.md", out / f"{name}.json"]
+    files[0].write_text(md)
+    files[1].write_text(json.dumps(rows, indent=1))
+    import mlflow
+
+    mlflow.set_tracking_uri(args.uri)
+    parent = os.environ.get("MLFLOW_RUN_ID")  # `mlflow run -e bench_train_speed`: log into its run
+    if not parent:
+        mlflow.set_experiment(EXPERIMENT)
+    with mlflow.start_run(run_id=parent, run_name=None if parent else f"bench-train-speed-{args.model}"):
+        given = mlflow.active_run().data.params
+        mlflow.log_params({(f"bench_{k}" if k in given else k): v for k, v in {
+            "model": args.model, "image_size": args.image_size, "batch_size": args.batch_size, "cores": CORES,
+            "steps": args.steps, "repeats": args.repeats}.items()})
+        mlflow.log_metrics({re.sub(r"[^0-9A-Za-z_]+", "_", r["variant"]) + "_images_per_s": r["median_images_per_s"]
+                            for r in rows})
+        for f in files:
+            mlflow.log_artifact(str(f))
 
 
 if __name__ == "__main__":

@@ -55,13 +55,14 @@ def test_mlproject_entry_points_and_parameters():
     spec = yaml.safe_load((REPO / "MLproject").read_text())
     assert spec["conda_env"] == "conda.yaml" and (REPO / "conda.yaml").is_file()
     eps = spec["entry_points"]
-    assert set(eps) >= {"main", "preprocess", "predict", "benchmark", "bench_preprocess", "bench_loader"}
+    assert set(eps) >= {"main", "preprocess", "predict", "benchmark", "bench_preprocess", "bench_loader",
+                        "bench_train_speed", "bench_time_to_accuracy"}
     assert set(eps["predict"]["parameters"]) == {"model", "input", "output"}
     assert eps["predict"]["command"].endswith("python -m medspark predict model={model} input={input} output={output}")
     for name, ep in eps.items():  # the project's own code and folder, whatever medspark the environment has
         assert ep["command"].startswith('export PYTHONPATH="$PWD/src:$PYTHONPATH" MEDSPARK_HOME="$PWD" && '), name
     assert set(eps["benchmark"]["parameters"]) == {"epochs", "backends", "per_class", "image_size", "save_results"}
-    for name in ("benchmark", "bench_preprocess", "bench_loader"):  # the data size; benchmarks/results/ when asked
+    for name in ("benchmark", "bench_preprocess", "bench_loader", "bench_train_speed"):  # data size; results/ when asked
         assert eps[name]["parameters"]["save_results"]["default"] == "false" and "image_size" in eps[name]["parameters"]
         assert "--save-results {save_results}" in eps[name]["command"] and "{image_size}" in eps[name]["command"]
     assert "benchmarks/backends.py" in eps["benchmark"]["command"]
