@@ -132,6 +132,7 @@ def test_time_to_accuracy_curves_table_and_resume(tmp_path):
     assert [(r["recipe"], r["seed"]) for r in logged] == [("ref", 7), ("new", 7)]
 
 
+@pytest.mark.slow
 def test_train_speed_measures_each_variant_in_its_own_process_and_logs_them(tmp_path):
     """benchmarks/train_speed.py: one process per setting (thread pools are global), the model built as training
     builds it, images/s in the table, the JSON and the MLflow run."""
