@@ -204,8 +204,8 @@ _CHOICES = {"train.optimizer": OPTIMIZERS, "train.lr_schedule": LR_SCHEDULES, "t
             "train.early_stopping.mode": ES_MODES}
 _MINIMUM = {"train.epochs": 1, "train.batch_size": 1, "train.shuffle_buffer": 0, "train.weight_decay": 0,
             "train.early_stopping.patience": 0, "train.augment.rotation": 0, "train.augment.brightness": 0,
-            "train.augment.contrast": 0, "train.augment.zoom": 0, "train.augment.translate": 0, "train.verbose": 0, "train.warmup_epochs": 0, "train.label_smoothing": 0,
-            "train.ema": 0, "train.snapshots": 0, "train.mixup": 0}
+            "train.augment.contrast": 0, "train.augment.zoom": 0, "train.augment.translate": 0, "train.verbose": 0,
+            "train.warmup_epochs": 0, "train.label_smoothing": 0, "train.ema": 0, "train.snapshots": 0, "train.mixup": 0}
 
 
 def _typed(cls, raw, key: str):
