@@ -6,7 +6,8 @@ does.
     .venv/bin/python benchmarks/train_speed.py --model res_cnn --image-size 128 --save-results
     .venv/bin/python benchmarks/train_speed.py --model small_cnn --variants default jit bf16
 
-Each variant runs in its own process (the policy and thread pools are global in TensorFlow). The model is built
+Each variant runs in its own processes (the policy and thread pools are global in TensorFlow), --rounds of them,
+round-robin, so that the machine's own drift shows as spread and hits every variant alike. The model is built
 from `conf/model/` exactly as training builds it (TrainJob's builder) and compiled by keras_fit.compile_model with
 the run's optimizer (AdamW here, the res_cnn recipe's), plus the variant's `jit_compile`. A process compiles and
 warms up for --warmup steps, then times --steps steps --repeats times; the median is reported, with the spread.
@@ -127,7 +128,9 @@ def main(argv=None) -> None:
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), help=f"of: {', '.join(VARIANTS)}")
     ap.add_argument("--warmup", type=int, default=15, help="steps before timing (compilation, oneDNN caches)")
     ap.add_argument("--steps", type=int, default=30, help="steps per timed repeat")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=3, help="timed repeats per process")
+    ap.add_argument("--rounds", type=int, default=2,
+                    help="processes per variant, run round-robin (the spread between processes is the noise)")
     ap.add_argument("--uri", default=f"sqlite:///{ROOT}/mlruns.db", help="MLflow tracking URI")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     results_folder.add_arguments(ap)
@@ -139,22 +142,29 @@ def main(argv=None) -> None:
     unknown = [v for v in args.variants if v not in VARIANTS]
     if unknown:
         sys.exit(f"unknown --variants {unknown}: choose from {', '.join(VARIANTS)}")
-    rows = []
-    for v in args.variants:
-        cmd = [sys.executable, __file__, "--one", v, "--model", args.model, "--image-size", str(args.image_size),
-               "--batch-size", str(args.batch_size), "--warmup", str(args.warmup), "--steps", str(args.steps),
-               "--repeats", str(args.repeats)]
-        done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-        if done.returncode:
-            print(f"### {v}: failed\n{done.stderr[-3000:]}", flush=True)
-            continue
-        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
-        print(f"### {v}: {rows[-1]['median_images_per_s']:.1f} images/s", flush=True)
+    by: dict[str, dict] = {}
+    for r in range(args.rounds):  # round-robin: a slow minute of the machine hits every variant alike
+        for v in args.variants:
+            cmd = [sys.executable, __file__, "--one", v, "--model", args.model, "--image-size", str(args.image_size),
+                   "--batch-size", str(args.batch_size), "--warmup", str(args.warmup), "--steps", str(args.steps),
+                   "--repeats", str(args.repeats)]
+            done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+            if done.returncode:
+                print(f"### {v}: failed\n{done.stderr[-3000:]}", flush=True)
+                continue
+            got = json.loads(done.stdout.strip().splitlines()[-1])
+            print(f"### {v} (round {r + 1}): {got['median_images_per_s']:.1f} images/s", flush=True)
+            if v in by:
+                got["images_per_s"] = by[v]["images_per_s"] + got["images_per_s"]
+            by[v] = got | {"processes": by.get(v, {}).get("processes", 0) + 1,
+                           "median_images_per_s": float(np.median(got["images_per_s"]))}
+    rows = [by[v] for v in args.variants if v in by]
     if not rows:
         sys.exit("every variant failed")
     md = (f"{args.model}, {args.image_size} px, batch {args.batch_size}, {CORES} cores "
-          f"(CPU flags: {rows[0]['cpu_flags'] or '-'}); train steps on in-memory tensors, median of "
-          f"{args.repeats} x {args.steps} steps after {args.warmup} warm-up steps\n\n" + table(rows))
+          f"(CPU flags: {rows[0]['cpu_flags'] or '-'}); train steps on in-memory tensors: {args.rounds} processes "
+          f"per variant, run round-robin, each timing {args.repeats} x {args.steps} steps after {args.warmup} warm-up "
+          f"steps; the median and the range of all of them\n\n" + table(rows))
     print("\n" + md)
     out = results_folder.folder(args)
     name = f"train_speed_{args.model}"

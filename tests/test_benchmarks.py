@@ -141,13 +141,14 @@ def test_train_speed_measures_each_variant_in_its_own_process_and_logs_them(tmp_
     out, uri = tmp_path / "out", f"sqlite:///{tmp_path}/m.db"
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "train_speed.py"), "--model", "res_cnn",
                            "--image-size", "32", "--batch-size", "8", "--variants", "default", "threads 1x1",
-                           "--warmup", "2", "--steps", "3", "--repeats", "2", "--out", str(out), "--uri", uri],
+                           "--warmup", "2", "--steps", "3", "--repeats", "2", "--rounds", "1", "--out", str(out),
+                           "--uri", uri],
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     rows = json.loads((out / "train_speed_res_cnn.json").read_text())
     assert [r["variant"] for r in rows] == ["default", "threads 1x1"]
     assert rows[1]["intra_threads"] == 1 and rows[1]["inter_threads"] == 1  # set in that process only
-    assert all(len(r["images_per_s"]) == 2 and r["median_images_per_s"] > 0 for r in rows)
+    assert all(len(r["images_per_s"]) == 2 and r["processes"] == 1 and r["median_images_per_s"] > 0 for r in rows)
     assert "| threads 1x1 | False | float32 | 1 x 1 |" in (out / "train_speed_res_cnn.md").read_text()
     mlflow.set_tracking_uri(uri)
     run = mlflow.search_runs(experiment_names=["medspark-bench-train-speed"], output_format="list")[0]
