@@ -68,10 +68,10 @@ def test_a_nifti_set_trains_and_reports_slice_and_volume_metrics(spark, tmp_path
     from medspark.train import train
 
     root = nifti_set(tmp_path / "set", volumes=10, slices=6, size=48)
-    cfg = make_cfg(tmp_path, ["dataset=nifti", f"dataset.root={root}", "preprocess.image_size=48", "train.epochs=8",
+    cfg = make_cfg(tmp_path, ["dataset=nifti", f"dataset.root={root}", "preprocess.image_size=48", "train.epochs=12",
                               "train.batch_size=16", "train.early_stopping.patience=20", "+model.bn_momentum=0.5",
                               "split.val=0.2", "split.test=0.3", "evaluate.volume_aggregation=max",
-                              "tracking.registered_model=null"])  # 48 steps: BN statistics must settle fast
+                              "tracking.registered_model=null"])  # 72 steps: BN statistics must settle fast
     # patience 20 > epochs: no early stop, but the best val_loss epoch is restored (the last can be a BN swing)
     accuracy = train(cfg, spark=spark)
     run = mlflow.search_runs(experiment_names=[cfg.tracking.experiment], output_format="list")[0]
