@@ -91,8 +91,7 @@ def train_one(name: str, seed: int, given: list[str], budget_minutes: float, neg
         if spread:  # one point: the backend's whole fit (its wall time: parallel members overlap)
             rows = [{"epoch": job.train.epochs, "minutes": result.train_seconds / 60, **final,
                      "val_accuracy": float("nan")}]
-            mlflow.log_metrics({f"curve_{k}": float(v) for k, v in rows[0].items() if k != "epoch"},
-                               step=job.train.epochs)
+            _log_point(rows[0])
         else:
             rows = curve.rows
         final_subsets = {}
@@ -136,12 +135,18 @@ def _scores(probs: np.ndarray, y: np.ndarray, classes, negative: str | None) -> 
     return out
 
 
+def _log_point(row: dict) -> None:
+    """One point of the curve into the run: every score as `curve_<name>`, step = the epoch."""
+    import mlflow
+
+    mlflow.log_metrics({f"curve_{k}": float(v) for k, v in row.items() if k != "epoch"}, step=row["epoch"])
+
+
 def _curve_callback(x_test, y_test, classes, negative, budget_minutes: float, ends=()):
     """Keras callback: test scores after every epoch against training minutes (its own time excluded); stops training
     once the budget is spent. With train.snapshots (`ends`: the cycles' last epochs) the scores are those of the
     model fit would return if training stopped there: the vote of the snapshots so far and the current weights."""
     import keras
-    import mlflow
 
     class Curve(keras.callbacks.Callback):
         def __init__(self):
@@ -160,7 +165,7 @@ def _curve_callback(x_test, y_test, classes, negative, budget_minutes: float, en
             row = {"epoch": epoch + 1, "minutes": self.train_seconds / 60, **_scores(probs, y_test, classes, negative),
                    "val_accuracy": float((logs or {}).get("val_accuracy", float("nan")))}
             self.rows.append(row)
-            mlflow.log_metrics({f"curve_{k}": float(v) for k, v in row.items() if k != "epoch"}, step=epoch + 1)
+            _log_point(row)
             print(f"[time-to-accuracy] epoch {row['epoch']}: {row['minutes']:.2f} min, test accuracy "
                   f"{row['test_accuracy']:.4f}", flush=True)
             if self.train_seconds >= budget_minutes * 60:
@@ -201,7 +206,8 @@ def table(results: list[dict]) -> str:
         balanced = [r["final"].get("balanced_accuracy", np.nanmean([r["final"][f"recall_{c}"] for c in classes]))
                     for r in rs]
         flip = [r["final_tta"]["flip"]["test_accuracy"] for r in rs if "final_tta" in r]  # runs before it: none
-        cells = [name, str(len(rs)), _pm(acc), _pm(flip) if flip else "-", _pm(balanced), _pm([r["final"].get("auc", float("nan")) for r in rs]),
+        cells = [name, str(len(rs)), _pm(acc), _pm(flip) if flip else "-", _pm(balanced),
+                 _pm([r["final"].get("auc", float("nan")) for r in rs]),
                  _pm([max(x["test_accuracy"] for x in r["curve"]) for r in rs]),
                  _pm([r["train_minutes"] for r in rs], "{:.1f}"),
                  f"{_pm(got, '{:.1f}')} ({len(got)}/{len(rs)})",
@@ -212,7 +218,8 @@ def table(results: list[dict]) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     subsets = sorted({k for r in results for k in r.get("final_subsets", {})})
     if subsets:
-        lines += ["", "| recipe | seeds | test subset | images | accuracy | balanced acc. | AUC |", "|---|---|---|---|---|---|---|"]
+        lines += ["", "| recipe | seeds | test subset | images | accuracy | balanced acc. | AUC |",
+                  "|---|---|---|---|---|---|---|"]
         for name, rs in by.items():
             for sub in subsets:
                 got = [r["final_subsets"][sub] for r in rs if sub in r.get("final_subsets", {})]
